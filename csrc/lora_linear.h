@@ -1,0 +1,43 @@
+// The fused LoRA linear: y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ.
+//
+// The big GEMMs (x·Wᵀ forward, g·W and gᵀ·x backward) go to the vendor BLAS through ATen on
+// every device; what is fused is everything around them, and only those passes differ per
+// device. The orchestration below is therefore written once, and each device supplies the
+// two passes that touch x element by element (dropout, dtype conversion, the rank-r
+// projections) as a `LoraKernels` table.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+
+namespace peftkern {
+
+struct LoraKernels {
+  // S[M, r] = drop(x)·Aᵀ in A's dtype, reading x[M, K] (contiguous) once.
+  at::Tensor (*down_project)(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
+                             const c10::optional<at::Tensor>& seed);
+  // dA[r, K] = dSᵀ·drop(x) when dA is defined, and dx[M, K] += drop'(dS·A) when dx is
+  // defined, regenerating the dropout mask on the fly and reading x once.
+  void (*down_project_backward)(const at::Tensor& x, const at::Tensor& lora_A,
+                                const at::Tensor& dS, double dropout,
+                                const c10::optional<at::Tensor>& seed, at::Tensor& dA,
+                                at::Tensor& dx);
+};
+
+// Returns (y, S). S = drop(x)·Aᵀ is what autograd saves besides x: [M, r] in A's dtype.
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
+    const LoraKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    double scaling, double dropout, const c10::optional<at::Tensor>& seed);
+
+// Returns (dx, dW, dbias, dA, dB); a gradient whose output_mask entry is false comes back as
+// an empty tensor (shape [0]) and is never computed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
+    const LoraKernels& kernels, const at::Tensor& grad_y, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B,
+    const at::Tensor& S, double scaling, double dropout, const c10::optional<at::Tensor>& seed,
+    std::array<bool, 5> output_mask);
+
+}  // namespace peftkern

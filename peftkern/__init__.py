@@ -1,0 +1,24 @@
+"""peftkern: fused kernels for parameter-efficient fine-tuning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftkern._loader import load_extension
+
+_C = load_extension()
+
+from peftkern import ops  # noqa: E402  (registers fake kernels and autograd on the ops)
+from peftkern.functional import lora_linear  # noqa: E402
+from peftkern.nn import LoRALinear  # noqa: E402
+
+__version__: str = _C.build_info()["version"]
+
+
+def build_info() -> dict[str, Any]:
+    """What this build contains: version, torch it was built with, CUDA kernels and
+    architectures, and the CPU vector ISA the kernels use on this machine."""
+    return dict(_C.build_info())
+
+
+__all__ = ["LoRALinear", "build_info", "lora_linear", "__version__"]

@@ -1,0 +1,45 @@
+"""The functional API: one function per op, taking plain tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from peftkern.ops import lora_linear_op
+
+_SEED_HIGH = 2**62
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed from torch's generator for `device`.
+
+    Drawing it through torch keeps `torch.manual_seed` in control, and lets
+    `torch.utils.checkpoint` (which restores the RNG state) recompute the same mask.
+    """
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    *,
+    bias: Tensor | None = None,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """Fused LoRA linear: ``x·Wᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ``.
+
+    Shapes: ``x [..., K]``, ``weight [N, K]``, ``lora_A [r, K]``, ``lora_B [N, r]``,
+    ``bias [N]``. ``lora_A``/``lora_B`` have x's dtype, or float32 when x is float16/bfloat16
+    (x is never copied to float32). Dropout applies to the LoRA branch only, and only when
+    ``training``; its mask is regenerated in backward rather than stored.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
+    p = float(dropout) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+    y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
+    return y

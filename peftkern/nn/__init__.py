@@ -1,0 +1,5 @@
+"""Drop-in modules built on the peftkern ops."""
+
+from peftkern.nn.lora import LoRALinear
+
+__all__ = ["LoRALinear"]

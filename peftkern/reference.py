@@ -1,0 +1,82 @@
+"""Plain-PyTorch versions of every peftkern op: the truth the tests compare against.
+
+They are written for clarity, not speed, and use the same counter-based dropout mask as
+the kernels (Philox4x32-10 keyed by the seed, counter = (column // 4, row)), so results can
+be compared element by element even with dropout on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * b for a constant a and uint32 values b in int64 tensors.
+
+    The product is split in 16-bit halves of `a` so no intermediate exceeds 2^49.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    low = a_lo * b
+    high = a_hi * b
+    lo_sum = low + ((high & 0xFFFF) << 16)
+    lo = lo_sum & _MASK32
+    hi = ((high >> 16) + (lo_sum >> 32)) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, seed: int) -> list[Tensor]:
+    """The four 32-bit Philox words for counters (c0, c1, c2, 0) and a 64-bit key."""
+    ctr = [c0 & _MASK32, c1 & _MASK32, c2 & _MASK32, torch.zeros_like(c0)]
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, ctr[0])
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, ctr[2])
+        ctr = [hi1 ^ ctr[1] ^ k0, lo1, hi0 ^ ctr[3] ^ k1, lo0]
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return ctr
+
+
+def dropout_keep(rows: int, cols: int, seed: int, p: float, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean keep-mask [rows, cols] of the kernels' dropout for this seed and probability."""
+    row = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols)
+    col = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
+    words = philox4x32_10(col // 4, row, row >> 32, seed % 2**64)
+    lane = col % 4
+    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    threshold = math.ceil(p * 2**24)
+    return (word >> 8) >= threshold
+
+
+def dropout(x2d: Tensor, p: float, seed: int) -> Tensor:
+    """The kernels' dropout of a [rows, cols] tensor: kept elements scaled by 1 / (1 - p)."""
+    if p == 0.0:
+        return x2d
+    keep = dropout_keep(x2d.shape[0], x2d.shape[1], seed, p, x2d.device)
+    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    bias: Tensor | None = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """y = x·Wᵀ + bias + scaling·(drop(x)·Aᵀ)·Bᵀ, the LoRA branch in the adapter's dtype."""
+    K = x.shape[-1]
+    x2d = x.reshape(-1, K)
+    dropped = dropout(x2d.to(lora_A.dtype), dropout_p, seed)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scaling
+    y = torch.nn.functional.linear(x2d, weight, bias) + lora.to(x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
