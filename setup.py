@@ -17,9 +17,31 @@ import os
 import sys
 from pathlib import Path
 
+import shutil
+
 import torch
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+
+def _locate_cuda_home() -> None:
+    """Points CUDA_HOME at a real toolkit before torch guesses one.
+
+    torch takes the parent of the first `nvcc` on PATH, which is wrong when that nvcc is a
+    wrapper script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local, without headers).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(os.path.realpath(nvcc)).parent.parent] if nvcc else []
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime_api.h").exists() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+_locate_cuda_home()
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = Path(__file__).resolve().parent
 BASE_VERSION = "0.1.0"
@@ -107,14 +129,15 @@ def write_build_meta(version: str, with_cuda: bool, archs: str) -> None:
 def extension(version: str, with_cuda: bool, archs: str):
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DPEFTKERN_VERSION="{version}"']
-    cxx = ["-O3", "-std=c++17", *defines]
+    # The C++ standard is left to torch: 2.6-2.13 build with C++17, 2.14+ require C++20.
+    cxx = ["-O3", *defines]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "peftkern._C", sources, extra_compile_args={"cxx": cxx}
         )
     defines += ["-DPEFTKERN_WITH_CUDA", f'-DPEFTKERN_CUDA_ARCHS="{archs}"']
-    cxx = ["-O3", "-std=c++17", *defines]
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *defines]
+    cxx = ["-O3", *defines]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *defines]
     if os.environ.get("NVCC_THREADS"):
         nvcc += ["--threads", os.environ["NVCC_THREADS"]]
     return cpp_extension.CUDAExtension(

@@ -1,0 +1,192 @@
+"""Providers × modes × metrics, measured honestly on a noisy machine.
+
+Every provider of one case is timed in the same run, interleaved round by round, so slow
+drifts of the machine hit all of them alike; each time is reported as a ratio to the floor
+provider of that case. Saved-activation bytes are counted exactly with
+`torch.autograd.graph.saved_tensors_hooks`, so they need no quiet machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+@dataclass
+class Provider:
+    """One implementation of a case: `forward()` returns an output with an autograd graph;
+    `params` are the tensors whose .grad is cleared between runs (and whose storage does not
+    count as saved activations)."""
+
+    name: str
+    forward: Callable[[], Tensor]
+    params: Sequence[Tensor] = ()
+
+
+@dataclass
+class Result:
+    case: str
+    provider: str
+    mode: str
+    median_ms: float
+    q10_ms: float
+    q90_ms: float
+    ratio_to_floor: float
+    saved_bytes: int
+    peak_bytes: int | None
+    machine: str
+    torch: str
+    peftkern: str
+    extra: dict = field(default_factory=dict)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def saved_activation_bytes(provider: Provider) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    param_storages = {p.untyped_storage().data_ptr() for p in provider.params}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        provider.forward()
+    return sum(storages.values())
+
+
+def _clear_grads(provider: Provider) -> None:
+    for p in provider.params:
+        p.grad = None
+
+
+def _run_once(provider: Provider, mode: str, grad: Tensor, device: torch.device) -> float:
+    _clear_grads(provider)
+    if mode == "backward":
+        out = provider.forward()
+        _sync(device)
+        start = time.perf_counter()
+        out.backward(grad)
+    else:
+        _sync(device)
+        start = time.perf_counter()
+        out = provider.forward()
+        if mode == "forward+backward":
+            out.backward(grad)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _peak_bytes(provider: Provider, grad: Tensor, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    _clear_grads(provider)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    provider.forward().backward(grad)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def measure_case(
+    case: str,
+    providers: Sequence[Provider],
+    floor: str,
+    device: torch.device,
+    *,
+    rounds: int = 15,
+    warmup: int = 3,
+    modes: Iterable[str] = MODES,
+    extra: dict | None = None,
+) -> list[Result]:
+    """Times every provider in every mode, interleaved, and returns one Result per pair."""
+    import peftkern
+
+    grad = torch.randn_like(providers[0].forward().detach())
+    machine = machine_description(device)
+    results: list[Result] = []
+    for mode in modes:
+        times: dict[str, list[float]] = {p.name: [] for p in providers}
+        for _ in range(warmup):
+            for p in providers:
+                _run_once(p, mode, grad, device)
+        for _ in range(rounds):
+            for p in providers:
+                times[p.name].append(_run_once(p, mode, grad, device))
+        floor_median = statistics.median(times[floor])
+        for p in providers:
+            ts = sorted(times[p.name])
+            median = statistics.median(ts)
+            results.append(
+                Result(
+                    case=case, provider=p.name, mode=mode,
+                    median_ms=median * 1e3,
+                    q10_ms=ts[len(ts) // 10] * 1e3,
+                    q90_ms=ts[(len(ts) * 9) // 10 - (1 if len(ts) % 10 == 0 else 0)] * 1e3,
+                    ratio_to_floor=median / floor_median,
+                    saved_bytes=saved_activation_bytes(p),
+                    peak_bytes=_peak_bytes(p, grad, device) if mode == "forward+backward" else None,
+                    machine=machine, torch=torch.__version__, peftkern=peftkern.__version__,
+                    extra=dict(extra or {}),
+                )
+            )
+    return results
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A fixed-width table: one line per (case, provider, mode)."""
+    header = f"{'case':<34} {'provider':<14} {'mode':<17} {'median ms':>10} {'q10-q90 ms':>15} {'x floor':>8} {'saved MiB':>10} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        peak = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else f"{'-':>9}"
+        lines.append(
+            f"{r.case:<34} {r.provider:<14} {r.mode:<17} {r.median_ms:10.3f} "
+            f"{r.q10_ms:7.2f}-{r.q90_ms:<7.2f} {r.ratio_to_floor:8.3f} {r.saved_bytes / 2**20:10.2f} {peak}"
+        )
+    if results:
+        lines.append(f"machine: {results[0].machine}; torch {results[0].torch}; peftkern {results[0].peftkern}")
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None) -> None:
+    rows = [asdict(r) for r in results]
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            flat = [{**{k: v for k, v in row.items() if k != "extra"}, **row["extra"]} for row in rows]
+            writer = csv.DictWriter(f, fieldnames=list(flat[0].keys()) if flat else [])
+            writer.writeheader()
+            writer.writerows(flat)

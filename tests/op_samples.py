@@ -1,0 +1,39 @@
+"""Sample calls of every torch.ops.peftkern operator, for the opcheck test.
+
+A new op adds its samples here; test_opcheck fails for any registered op without samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _lora_linear_samples(device: str) -> list[tuple]:
+    def t(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    seed = torch.tensor([42], dtype=torch.int64, device=device)
+    return [
+        (t(5, 16), t(12, 16), t(12), t(4, 16), t(12, 4), 2.0, 0.0, None),
+        (t(2, 3, 16), t(12, 16, grad=False), None, t(4, 16), t(12, 4), 0.5, 0.25, seed),
+        (t(0, 16), t(12, 16), t(12), t(4, 16), t(12, 4), 1.0, 0.0, None),
+        (t(3, 8, dtype=torch.bfloat16), t(6, 8, dtype=torch.bfloat16, grad=False), None, t(2, 8), t(6, 2), 1.0, 0.1, seed),
+    ]
+
+
+def _lora_linear_backward_samples(device: str) -> list[tuple]:
+    samples = []
+    for x, weight, bias, lora_A, lora_B, scaling, dropout, seed in _lora_linear_samples(device):
+        y, S = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
+        grad_y = torch.randn_like(y)
+        for mask in ([True, True, True, True, True], [True, False, False, True, True], [False, False, False, True, False]):
+            samples.append((grad_y, x.detach(), weight.detach(), lora_A.detach(), lora_B.detach(), S, scaling, dropout, seed, mask))
+    return samples
+
+
+SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
+    "lora_linear": _lora_linear_samples,
+    "lora_linear_backward": _lora_linear_backward_samples,
+}
