@@ -26,12 +26,14 @@ MODES = ("forward", "backward", "forward+backward")
 @dataclass
 class Provider:
     """One implementation of a case: `forward()` returns an output with an autograd graph;
-    `params` are the tensors whose .grad is cleared between runs (and whose storage does not
-    count as saved activations)."""
+    `params` and `inputs` have their .grad cleared between runs. A parameter's storage never
+    counts as a saved activation (keeping it for backward costs no extra memory); an input's
+    does, since in a network it is the previous layer's output, kept alive by the saving."""
 
     name: str
     forward: Callable[[], Tensor]
     params: Sequence[Tensor] = ()
+    inputs: Sequence[Tensor] = ()
 
 
 @dataclass
@@ -86,13 +88,13 @@ def saved_activation_bytes(provider: Provider) -> int:
     return sum(storages.values())
 
 
-def _clear_grads(provider: Provider) -> None:
-    for p in provider.params:
+def clear_grads(provider: Provider) -> None:
+    for p in (*provider.params, *provider.inputs):
         p.grad = None
 
 
-def _run_once(provider: Provider, mode: str, grad: Tensor, device: torch.device) -> float:
-    _clear_grads(provider)
+def run_once(provider: Provider, mode: str, grad: Tensor, device: torch.device) -> float:
+    clear_grads(provider)
     if mode == "backward":
         out = provider.forward()
         _sync(device)
@@ -111,7 +113,7 @@ def _run_once(provider: Provider, mode: str, grad: Tensor, device: torch.device)
 def _peak_bytes(provider: Provider, grad: Tensor, device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
-    _clear_grads(provider)
+    clear_grads(provider)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -141,10 +143,10 @@ def measure_case(
         times: dict[str, list[float]] = {p.name: [] for p in providers}
         for _ in range(warmup):
             for p in providers:
-                _run_once(p, mode, grad, device)
+                run_once(p, mode, grad, device)
         for _ in range(rounds):
             for p in providers:
-                times[p.name].append(_run_once(p, mode, grad, device))
+                times[p.name].append(run_once(p, mode, grad, device))
         floor_median = statistics.median(times[floor])
         for p in providers:
             ts = sorted(times[p.name])

@@ -53,8 +53,7 @@ def _peft_provider(case: LoRACase, base: nn.Linear, x: torch.Tensor) -> Provider
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02)
-    params = [p for p in model.parameters() if p.requires_grad] + [x]
-    return Provider("peft", lambda: model(x), params)
+    return Provider("peft", lambda: model(x), list(model.parameters()), [x])
 
 
 def _eager_lora(x, weight, bias, lora_A, lora_B, scaling: float, p: float):
@@ -70,15 +69,16 @@ def providers_for(case: LoRACase, with_compile: bool = True) -> list[Provider]:
     x = torch.randn(case.rows, case.in_features, device=device, dtype=case.dtype, requires_grad=True)
     layer = LoRALinear.from_linear(base, r=case.r, lora_alpha=case.r * ALPHA_OVER_R, lora_dropout=case.dropout).train()
     nn.init.normal_(layer.lora_B, std=0.02)
-    lora_params = [layer.lora_A, layer.lora_B]
+    # Every parameter, frozen or not, is listed so that it never counts as a saved activation.
+    params = [base.weight, base.bias, layer.lora_A, layer.lora_B]
 
     def eager():
         return _eager_lora(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, case.dropout)
 
     providers = [
-        Provider("frozen-linear", lambda: base(x), [x]),
-        Provider("peftkern", lambda: layer(x), [*lora_params, x]),
-        Provider("eager", eager, [*lora_params, x]),
+        Provider("frozen-linear", lambda: base(x), params, [x]),
+        Provider("peftkern", lambda: layer(x), params, [x]),
+        Provider("eager", eager, params, [x]),
     ]
     peft_provider = _peft_provider(case, base, x)
     if peft_provider is not None:
@@ -86,7 +86,7 @@ def providers_for(case: LoRACase, with_compile: bool = True) -> list[Provider]:
     if with_compile:
         compiled = torch.compile(_eager_lora, dynamic=False)
         providers.append(
-            Provider("torch.compile", lambda: compiled(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, case.dropout), [*lora_params, x])
+            Provider("torch.compile", lambda: compiled(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, case.dropout), params, [x])
         )
     return providers
 
