@@ -9,10 +9,17 @@ import peftkern  # noqa: F401  (loads the ops)
 
 HAS_CUDA = torch.cuda.is_available()
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")),
-]
+# Marks for tests that need a GPU: skipped without one, selected by `pytest -m cuda`.
+requires_cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def cuda_test(test):
+    """Decorator for a test that only makes sense on a GPU."""
+    for mark in requires_cuda:
+        test = mark(test)
+    return test
 
 
 def assert_close_low_precision(actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, name: str) -> None:

@@ -11,7 +11,7 @@ from peftkern import reference
 from peftkern.functional import draw_seed
 from peftkern.ops import lora_linear_op
 
-from conftest import DEVICES, assert_close_low_precision
+from conftest import DEVICES, assert_close_low_precision, cuda_test
 
 
 def make_inputs(M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="cpu", bias=True, lead=(), seed=0):
@@ -253,14 +253,14 @@ def test_missing_or_malformed_seed_is_refused():
         lora_linear_op(x, w, None, a, b, 1.0, 0.1, torch.zeros(2, dtype=torch.int64))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@cuda_test
 def test_mixed_devices_are_refused():
     x, w, a, b = torch.randn(4, 16, device="cuda"), torch.randn(12, 16), torch.randn(4, 16, device="cuda"), torch.randn(12, 4, device="cuda")
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
         peftkern.lora_linear(x, w, a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@cuda_test
 def test_cuda_and_cpu_draw_the_same_mask_for_the_same_seed():
     K = 40
     x = torch.randn(30, K)

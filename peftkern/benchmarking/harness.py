@@ -182,10 +182,15 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None) -> None:
+def write_results(
+    results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None, command: str = ""
+) -> None:
+    """CSV: one flat row per result. JSON: the rows plus the command and date that made them,
+    which is what scripts/render_benchmark_tables.py turns into the README's tables."""
     rows = [asdict(r) for r in results]
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2))
+        document = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": rows}
+        Path(json_path).write_text(json.dumps(document, indent=2))
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             flat = [{**{k: v for k, v in row.items() if k != "extra"}, **row["extra"]} for row in rows]

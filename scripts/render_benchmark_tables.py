@@ -1,0 +1,63 @@
+"""Regenerates the README's benchmark tables from the result files in benchmarks/results/.
+
+    python scripts/render_benchmark_tables.py
+
+Each JSON file there was written by a benchmark script (`--json`) on real hardware; the table
+shows, per case, every provider's time as a ratio to the floor measured in the same run, and
+the saved-activation bytes. Numbers are never typed into the README by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- benchmark-tables:start -->", "<!-- benchmark-tables:end -->"
+MODES = ("forward", "backward", "forward+backward")
+
+
+def render_file(path: Path) -> str:
+    document = json.loads(path.read_text())
+    rows = document["results"]
+    first = rows[0]
+    lines = [
+        f"**{first['machine']}**, torch {first['torch']}, peftkern {first['peftkern']}, {document['date']} "
+        f"(`{document['command']}`, file `{path.relative_to(ROOT)}`)",
+        "",
+    ]
+    by_case: dict[str, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        by_case[row["case"]][row["provider"]][row["mode"]] = row
+    for case, providers in by_case.items():
+        lines += [
+            f"`{case}`",
+            "",
+            "| provider | forward | backward | forward+backward | fwd+bwd ms | saved activations |",
+            "|---|---|---|---|---|---|",
+        ]
+        for provider, modes in providers.items():
+            ratios = " | ".join(f"{modes[m]['ratio_to_floor']:.3f}×" if m in modes else "-" for m in MODES)
+            total = modes.get("forward+backward")
+            ms = f"{total['median_ms']:.2f}" if total else "-"
+            saved = next(iter(modes.values()))["saved_bytes"] / 2**20
+            lines.append(f"| {provider} | {ratios} | {ms} | {saved:.2f} MiB |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    files = sorted(RESULTS.glob("**/*.json"))
+    body = "\n".join(render_file(f) for f in files) if files else "No results recorded yet."
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+    print(f"rendered {len(files)} result file(s) into {README.name}")
+
+
+if __name__ == "__main__":
+    main()
