@@ -7,7 +7,10 @@ from types import ModuleType
 
 import torch
 
-REBUILD_HINT = "rebuild it against the installed torch: pip install --no-build-isolation --no-deps --force-reinstall -e ."
+REBUILD_HINT = (
+    "install a peftkern build made for the installed torch, or rebuild it from source against that torch: "
+    "pip install --no-build-isolation --no-deps --force-reinstall ."
+)
 
 
 def _major_minor(version: str) -> tuple[int, ...]:

@@ -32,9 +32,14 @@ def _lora_linear_fake(
     dropout: float,
     seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
+    # The C++ kernels check everything; the fake repeats what decides output shapes and
+    # placement, so a traced program fails at trace time with the same words.
     torch._check(x.shape[-1] == weight.shape[1], lambda: "peftkern: x.shape[-1] must equal weight.shape[1]")
     torch._check(lora_A.shape[1] == weight.shape[1], lambda: "peftkern: lora_A.shape[1] must equal weight.shape[1]")
     torch._check(lora_B.shape[0] == weight.shape[0], lambda: "peftkern: lora_B.shape[0] must equal weight.shape[0]")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None:
+            torch._check(t.device == x.device, lambda: f"peftkern: {name} is on {t.device} but x is on {x.device}")
     rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     S = lora_A.new_empty((rows, lora_A.shape[0]))

@@ -253,6 +253,12 @@ def test_missing_or_malformed_seed_is_refused():
         lora_linear_op(x, w, None, a, b, 1.0, 0.1, torch.zeros(2, dtype=torch.int64))
 
 
+def test_mixed_devices_are_refused_at_trace_time():
+    x = torch.randn(4, 16, device="meta")
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on meta"):
+        peftkern.lora_linear(x, torch.randn(12, 16), torch.randn(4, 16, device="meta"), torch.randn(12, 4, device="meta"))
+
+
 @cuda_test
 def test_mixed_devices_are_refused():
     x, w, a, b = torch.randn(4, 16, device="cuda"), torch.randn(12, 16), torch.randn(4, 16, device="cuda"), torch.randn(12, 4, device="cuda")
