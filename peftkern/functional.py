@@ -35,10 +35,24 @@ def lora_linear(
     Shapes: ``x [..., K]``, ``weight [N, K]``, ``lora_A [r, K]``, ``lora_B [N, r]``,
     ``bias [N]``. ``lora_A``/``lora_B`` have x's dtype, or float32 when x is float16/bfloat16
     (x is never copied to float32). Dropout applies to the LoRA branch only, and only when
-    ``training``; its mask is regenerated in backward rather than stored.
+    ``training``; its mask is regenerated in backward rather than stored. Under
+    ``torch.autocast`` the base computation runs in the autocast dtype and float32 adapters
+    stay float32.
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Custom ops get no autocast treatment of their own. Do what autocast does for the
+        # base linear (compute in the autocast dtype) while float32 adapters stay float32:
+        # the op's mixed-precision mode, which never makes a float32 copy of x.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return lora_linear(x, weight, lora_A, lora_B, bias=bias, scaling=scaling, dropout=dropout, training=training)
     p = float(dropout) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)

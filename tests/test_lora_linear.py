@@ -276,3 +276,19 @@ def test_cuda_and_cpu_draw_the_same_mask_for_the_same_seed():
     _, S_cpu = lora_linear_op(x, zeros, None, eye, zeros, 1.0, 0.25, seed)
     _, S_cuda = lora_linear_op(x.cuda(), zeros.cuda(), None, eye.cuda(), zeros.cuda(), 1.0, 0.25, seed.cuda())
     torch.testing.assert_close(S_cuda.cpu(), S_cpu, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_computes_in_low_precision_with_float32_adapters(device):
+    dtype = torch.bfloat16
+    inp = make_inputs(33, 48, 40, 8, dtype=torch.float32, device=device)
+    lora_A = inp["lora_A"].clone().requires_grad_()
+    lora_B = inp["lora_B"].clone().requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        y = peftkern.lora_linear(inp["x"], inp["weight"], lora_A, lora_B, bias=inp["bias"], scaling=0.5)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert lora_A.grad.dtype == torch.float32 and lora_B.grad.dtype == torch.float32
+    cast = {k: (v.to(dtype) if k in ("x", "weight", "bias") else v) for k, v in inp.items()}
+    expected = peftkern.lora_linear(cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], bias=cast["bias"], scaling=0.5)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
