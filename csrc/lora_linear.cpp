@@ -1,6 +1,7 @@
 #include "lora_linear.h"
 
 #include "checks.h"
+#include "tensor_utils.h"
 
 namespace peftkern {
 namespace {
@@ -31,7 +32,7 @@ void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(adapter_type == x_type || (low_precision_x && adapter_type == at::kFloat),
               "peftkern: lora_A/lora_B must have the dtype of x (", x_type,
               ") or float32 when x is float16/bfloat16, got ", adapter_type);
-  if (bias.has_value() && bias->defined()) {
+  if (given(bias)) {
     check_dim(*bias, 1, "bias", "[out_features]");
     check_size(*bias, 0, N, "bias", "weight.shape[0] (out_features)");
     check_same_device(*bias, x, "bias", "x");
@@ -45,14 +46,6 @@ void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
 // rank-r projection; otherwise the vendor BLAS reads x directly and is the fastest option.
 bool needs_fused_pass(const at::Tensor& x, const at::Tensor& lora_A, double dropout) {
   return dropout > 0.0 || x.scalar_type() != lora_A.scalar_type();
-}
-
-at::Tensor rows_of(const at::Tensor& t, int64_t features) {
-  return t.reshape({-1, features}).contiguous();
-}
-
-at::Tensor unneeded_grad(const at::Tensor& like) {
-  return at::empty({0}, like.options());
 }
 
 }  // namespace
@@ -74,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   // to x's dtype costs nothing and keeps the big GEMM in the fast low-precision path.
   const at::Tensor S_scaled = (S * scaling).to(x.scalar_type());
   const at::Tensor B_t = lora_B.to(x.scalar_type()).t();
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, S_scaled, B_t)
+  at::Tensor y = given(bias) ? at::addmm(*bias, S_scaled, B_t)
                                                         : at::mm(S_scaled, B_t);
   y.addmm_(x2, weight.t());
 

@@ -42,7 +42,7 @@ def lora_linear(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Custom ops get no autocast treatment of their own. Do what autocast does for the
         # base linear (compute in the autocast dtype) while float32 adapters stay float32:
         # the op's mixed-precision mode, which never makes a float32 copy of x.

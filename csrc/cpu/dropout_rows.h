@@ -7,10 +7,9 @@
 #include <cstdint>
 
 #include "../philox.h"
+#include "dtype.h"
 
 namespace peftkern::cpu {
-
-enum class Dtype { f32, f64, f16, bf16 };
 
 // out[i, k] = x[i, k] * multiplier(row0 + i, k), converted from x_type to out_type.
 // With dropout == nullptr the multiplier is 1 (a pure conversion). Rows are K contiguous.

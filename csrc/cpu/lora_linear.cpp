@@ -6,27 +6,17 @@
 // converted by the vectorised row kernels into a workspace small enough to stay in the L2
 // cache, and the BLAS consumes it right away. The masked x therefore never exists in full,
 // and the mask itself is never stored: backward regenerates it from the seed.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../lora_linear.h"
 #include "dropout_rows.h"
+#include "rows.h"
 
 namespace peftkern::cpu {
 namespace {
 
 constexpr int64_t kWorkspaceBytes = 1 << 20;  // per chunk; fits the L2 of current x86 cores
 constexpr int64_t kMinChunkRows = 16;
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::f32;
-    case at::kDouble: return Dtype::f64;
-    case at::kHalf: return Dtype::f16;
-    case at::kBFloat16: return Dtype::bf16;
-    default: TORCH_CHECK(false, "peftkern: unsupported dtype ", t.scalar_type());
-  }
-}
 
 c10::optional<DropoutParams> dropout_params(double dropout,
                                             const c10::optional<at::Tensor>& seed) {
@@ -38,21 +28,6 @@ c10::optional<DropoutParams> dropout_params(double dropout,
 int64_t chunk_rows(int64_t M, int64_t K, int64_t element_size) {
   const int64_t rows = std::max(kMinChunkRows, kWorkspaceBytes / std::max<int64_t>(1, K * element_size));
   return std::max<int64_t>(1, std::min(rows, M));
-}
-
-// Runs body(first_row, row_count) over rows [0, rows) on all threads.
-template <typename F>
-void parallel_rows(int64_t rows, int64_t K, F&& body) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { body(begin, end - begin); });
-}
-
-const char* row_ptr(const at::Tensor& t, int64_t row) {
-  return static_cast<const char*>(t.const_data_ptr()) + row * t.size(1) * t.element_size();
-}
-
-char* row_ptr(at::Tensor& t, int64_t row) {
-  return static_cast<char*>(t.data_ptr()) + row * t.size(1) * t.element_size();
 }
 
 at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
@@ -95,9 +70,8 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
     }
     parallel_rows(rows, K, [&](int64_t first, int64_t count) {
       drop_backward_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0 + first),
-                         dx.defined() ? row_ptr(dx, m0 + first) : nullptr,
-                         dx.defined() ? row_ptr(lora_term, first) : nullptr,
-                         dA.defined() ? row_ptr(masked_x, first) : nullptr, count, K,
+                         row_ptr(dx, m0 + first), row_ptr(lora_term, first),
+                         row_ptr(masked_x, first), count, K,
                          m0 + first, d ? &*d : nullptr);
     });
     if (dA.defined()) dA.addmm_(dS_rows.t(), masked_x.narrow(0, 0, rows));
