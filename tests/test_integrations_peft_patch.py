@@ -1,0 +1,164 @@
+"""patch_peft: a `peft` LoRA model runs peftkern's fused op in place, same numbers, same files."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+import peftkern
+from peftkern.integrations import peft_patch
+from lora_models import assert_same_lora_grads, peft_lora, tiny_llama, tokens
+
+QV = ("q_proj", "v_proj")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts calls of peftkern's fused op made by patched layers."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("dropout"))
+        return peftkern.lora_linear(*args, **kwargs)
+
+    monkeypatch.setattr(peft_patch, "lora_linear", counting)
+    return calls
+
+
+def loss_and_grads(model, x):
+    model.zero_grad()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach()
+
+
+def test_patched_equals_peft_and_keeps_names_and_files(tmp_path, fused_calls):
+    ref = peft_lora(tiny_llama(), QV).train()
+    model = copy.deepcopy(ref)
+    keys_before = list(model.state_dict())
+    report = peftkern.patch_peft(model)
+    assert report.num_patched == 4 and report.num_skipped == 0 and "patched 4" in str(report)
+    assert list(model.state_dict()) == keys_before
+    x = tokens()
+    torch.testing.assert_close(loss_and_grads(model, x), loss_and_grads(ref, x), rtol=1e-6, atol=1e-6)
+    assert_same_lora_grads(model, ref, rtol=1e-5, atol=1e-6)
+    assert len(fused_calls) == 4
+    model.save_pretrained(tmp_path / "patched")
+    ref.save_pretrained(tmp_path / "ref")
+    from safetensors.torch import load_file
+
+    saved, expected = load_file(tmp_path / "patched/adapter_model.safetensors"), load_file(tmp_path / "ref/adapter_model.safetensors")
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert peftkern.patch_peft(model).num_patched == 4  # idempotent
+    assert peftkern.unpatch_peft(model) == 4
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    fused_calls.clear()
+    loss_and_grads(model, x)
+    assert not fused_calls
+
+
+def test_state_changes_after_patching_fall_back_to_peft(fused_calls):
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens()
+    for action in ("merge_adapter", "unmerge_adapter"):
+        getattr(model, action)()
+        getattr(ref, action)()
+        fused_calls.clear()
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+        assert len(fused_calls) == (0 if action == "merge_adapter" else 4)
+    with model.disable_adapter(), ref.disable_adapter():
+        fused_calls.clear()
+        torch.testing.assert_close(model(x).logits, ref(x).logits)
+        assert not fused_calls
+
+
+def test_mixed_adapter_batch_falls_back_with_a_warning(fused_calls):
+    ref = peft_lora(tiny_llama(), QV)
+    ref.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=list(QV), init_lora_weights=False))
+    ref.eval()  # peft allows adapter_names in eval mode only
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x, names = tokens(batch=2), ["default", "other"]
+    with pytest.warns(UserWarning, match="adapter_names"):
+        out = model(x, adapter_names=names).logits
+    torch.testing.assert_close(out, ref(x, adapter_names=names).logits)
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"use_dora": True}, "DoraLinearVariant"),
+    ({"lora_bias": True}, "lora_bias=True"),
+])
+def test_uncovered_layers_are_skipped_with_reason(kwargs, reason, fused_calls):
+    ref = peft_lora(tiny_llama(), QV, **kwargs)
+    model = copy.deepcopy(ref)
+    report = peftkern.patch_peft(model)
+    assert report.num_patched == 0 and report.num_skipped == 4
+    assert all(reason in r for r in report.skipped.values()) and reason in str(report)
+    x = tokens()
+    torch.testing.assert_close(model(x).logits, ref(x).logits)
+    assert not fused_calls
+
+
+def test_merged_several_active_and_non_linear_layers_are_skipped():
+    merged = peft_lora(tiny_llama(), QV)
+    merged.merge_adapter()
+    assert all("merged" in r for r in peftkern.patch_peft(merged).skipped.values())
+
+    several = peft_lora(tiny_llama(), QV)
+    several.add_adapter("other", LoraConfig(r=2, target_modules=list(QV)))
+    several.base_model.set_adapter(["default", "other"])
+    report = peftkern.patch_peft(several)
+    assert report.num_patched == 0 and all("2 active adapters" in r for r in report.skipped.values())
+
+    embed = peft_lora(tiny_llama(), ("embed_tokens", "q_proj"))
+    report = peftkern.patch_peft(embed)
+    assert report.num_patched == 2
+    assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
+    assert "Embedding" in report.skipped["base_model.model.model.embed_tokens"]
+
+
+def test_patch_peft_without_lora_layers_reports_nothing():
+    assert peftkern.patch_peft(nn.Sequential(nn.Linear(2, 2))).num_patched == 0
+
+
+def _lora_delta_draws(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([model(x) for _ in range(draws)])
+
+
+class _Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_dropout_statistics_match_peft(fused_calls):
+    """Different generators, so no mask agrees; the output distribution must. Inverted dropout
+    keeps the mean at the no-dropout output, and the variance depends on p only."""
+    p, draws = 0.3, 3000
+    ref = peft_lora(_Host(), ["proj"], r=4, lora_alpha=8, lora_dropout=p).train()
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    ours, theirs = _lora_delta_draws(model, x, draws), _lora_delta_draws(ref, x, draws)
+    assert fused_calls[-1] == p
+    exact = ref.eval()(x).detach()
+    sem = theirs.std(0) / draws**0.5
+    assert ((ours.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
+    assert ((theirs.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
+    ratio = (ours.var(0) / theirs.var(0)).mean().item()
+    assert 0.93 < ratio < 1.07, ratio
+    model.eval()  # peft's dropout module is off in eval: so is the fused op's
+    torch.testing.assert_close(model(x), exact)
