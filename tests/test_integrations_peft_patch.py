@@ -162,3 +162,28 @@ def test_dropout_statistics_match_peft(fused_calls):
     assert 0.93 < ratio < 1.07, ratio
     model.eval()  # peft's dropout module is off in eval: so is the fused op's
     torch.testing.assert_close(model(x), exact)
+
+
+def test_bfloat16_model_with_float32_adapters_is_patched(fused_calls):
+    """peft keeps adapters of a bf16 model in fp32 by default; the fused op takes that mix."""
+    base = tiny_llama().to(torch.bfloat16)
+    ref = peft_lora(base, QV)
+    assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens()
+    ours, theirs = model(x).logits, ref(x).logits
+    assert len(fused_calls) == 4 and ours.dtype == theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_falls_back_to_peft(fused_calls):
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="autocast"):
+        ours = model(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours, ref(x).logits)
+    assert not fused_calls

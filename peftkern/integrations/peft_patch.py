@@ -99,8 +99,13 @@ def _call_reason(module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> str
     if torch.is_autocast_enabled(x.device.type):
         return "autocast is enabled"
     name = module.active_adapters[0]
-    if not (x.dtype == module.base_layer.weight.dtype == module.lora_A[name].weight.dtype == module.lora_B[name].weight.dtype):
-        return "input, base weight and LoRA weights differ in dtype"
+    adapter_dtype = module.lora_A[name].weight.dtype
+    if x.dtype != module.base_layer.weight.dtype or module.lora_B[name].weight.dtype != adapter_dtype:
+        return "input and base weight, or lora_A and lora_B, differ in dtype"
+    # peft keeps adapters of a float16/bfloat16 model in float32 by default
+    # (autocast_adapter_dtype=True); the fused op takes exactly that combination.
+    if adapter_dtype != x.dtype and not (adapter_dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"LoRA weights in {adapter_dtype} with input in {x.dtype}"
     return None
 
 
