@@ -125,6 +125,15 @@ def test_merged_several_active_and_non_linear_layers_are_skipped():
     assert "Embedding" in report.skipped["base_model.model.model.embed_tokens"]
 
 
+def test_base_layer_with_hooks_is_skipped():
+    model = peft_lora(tiny_llama(), QV)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    q.base_layer.register_forward_pre_hook(lambda module, args: None)
+    report = peftkern.patch_peft(model)
+    assert report.num_patched == 3
+    assert "forward hooks" in report.skipped["base_model.model.model.layers.0.self_attn.q_proj"]
+
+
 def test_patch_peft_without_lora_layers_reports_nothing():
     assert peftkern.patch_peft(nn.Sequential(nn.Linear(2, 2))).num_patched == 0
 

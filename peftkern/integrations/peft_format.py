@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkern.integrations.inject import replace_with_lora
-from peftkern.integrations.targets import name_matches
+from peftkern.integrations.targets import is_plain_linear, name_matches
 from peftkern.nn import LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -178,8 +178,8 @@ def _check_fits(model: nn.Module, weights: dict[str, dict[str, Tensor]], config:
             module = model.get_submodule(name)
         except AttributeError:
             raise AdapterFormatError(f"peftkern: load_adapter: {where} has weights for {name!r}, which {type(model).__name__} lacks") from None
-        if not isinstance(module, (LoRALinear, nn.Linear)):
-            raise AdapterFormatError(f"peftkern: load_adapter: {where} has weights for {name!r}, a {type(module).__name__}, not a linear layer")
+        if not (isinstance(module, LoRALinear) or is_plain_linear(module)):
+            raise AdapterFormatError(f"peftkern: load_adapter: {where} has weights for {name!r}, a {type(module).__name__}, not nn.Linear")
         expected = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
         for factor, tensor in factors.items():
             if tuple(tensor.shape) != expected[factor] or not tensor.is_floating_point():

@@ -62,8 +62,13 @@ def _static_reason(module: nn.Module, linear_cls: type) -> str | None:
         # peft's quantized (bnb, gptq, ...) and Conv/Embedding LoRA layers are subclasses or
         # siblings of LoraLayer with their own forward.
         return f"{type(module).__module__}.{type(module).__name__} is not peft's plain LoRA Linear (quantized or non-Linear base)"
-    if type(module.get_base_layer()) is not nn.Linear:
-        return f"base layer is a {type(module.get_base_layer()).__name__}, not nn.Linear"
+    base = module.base_layer  # what the fused forward reads the weight and bias from
+    if type(base) is not nn.Linear:
+        return f"base layer is a {type(base).__name__}, not nn.Linear"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        # e.g. accelerate's offloading hooks, which move the weight in before each call: the
+        # fused op reads base.weight directly and would bypass them.
+        return "base layer has forward hooks (e.g. accelerate offloading)"
     if module.fan_in_fan_out:
         return "fan_in_fan_out=True (transposed base weight)"
     if "forward" in module.__dict__:

@@ -20,6 +20,13 @@ def name_matches(name: str, target_modules: TargetModules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear computing ``x·Wᵀ + b``. Subclasses that keep nn.Linear's forward (e.g.
+    NonDynamicallyQuantizableLinear) qualify; ones that override it (quantized layers) would
+    be silently wrong under LoRALinear, which calls the op on `weight` directly."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def select_linear_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """Names of the `nn.Linear` modules `target_modules` selects, in model order.
 
@@ -36,9 +43,7 @@ def select_linear_targets(model: nn.Module, target_modules: TargetModules) -> li
     for name, module in model.named_modules():
         if not name or not name_matches(name, target_modules):
             continue
-        # Subclasses that keep nn.Linear's forward (e.g. NonDynamicallyQuantizableLinear) compute
-        # the same thing; ones that override it (quantized layers) would be silently wrong.
-        if not (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        if not is_plain_linear(module):
             raise ValueError(
                 f"peftkern: target_modules {target_modules!r} matches {name!r}, a {type(module).__name__}; "
                 "only nn.Linear modules can take LoRA"
