@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from peftkern.benchmarking import training_step
 from peftkern.benchmarking.harness import format_table, write_results
 
@@ -17,9 +19,12 @@ from peftkern.benchmarking.harness import format_table, write_results
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--csv")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = training_step.run(training_step.default_case(), rounds=args.rounds)
     print(format_table(results))
     for r in results:
