@@ -80,3 +80,33 @@ def assert_same_lora_grads(a: nn.Module, b: nn.Module, **tol) -> None:
     assert ga.keys() == gb.keys() and ga
     for key in ga:
         torch.testing.assert_close(ga[key], gb[key], msg=lambda m: f"{key}: {m}", **tol)
+
+
+class LinearHost(nn.Module):
+    """One linear layer named `proj`: the smallest model peft and inject_lora both accept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def assert_same_dropout_distribution(model: nn.Module, ref: nn.Module, draws: int = 3000) -> None:
+    """peftkern's dropout (Philox from a seed) and peft's (torch's mask) never agree mask by
+    mask; their output distributions must. Inverted dropout keeps the mean at the no-dropout
+    output, and the variance depends on p only. Both models are in training mode."""
+    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ours = torch.stack([model(x) for _ in range(draws)])
+        theirs = torch.stack([ref(x) for _ in range(draws)])
+        exact = ref.eval()(x)
+    sem = theirs.std(0) / draws**0.5
+    assert ((ours.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
+    assert ((theirs.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
+    ratio = (ours.var(0) / theirs.var(0)).mean().item()
+    assert 0.93 < ratio < 1.07, f"variance ratio {ratio}"
+    with torch.no_grad():  # in eval mode dropout is off, in peft and in peftkern alike
+        torch.testing.assert_close(model.eval()(x), exact)

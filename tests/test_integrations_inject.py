@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import peftkern
-from lora_models import assert_same_lora_grads, injected_like, peft_lora, tiny_bert, tiny_llama, tokens
+from lora_models import (
+    LinearHost, assert_same_dropout_distribution, assert_same_lora_grads, injected_like, peft_lora, tiny_bert, tiny_llama, tokens,
+)
 
 
 def test_llama_q_v_replaced_frozen_and_summarised():
@@ -76,3 +78,10 @@ def test_outputs_losses_and_grads_equal_peft(make_base, targets, use_rslora):
     assert_same_lora_grads(ours, ref, rtol=1e-5, atol=1e-6)
     trainable_ours = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert len(trainable_ours) == sum(p.requires_grad for p in ref.parameters())
+
+
+def test_dropout_statistics_match_peft():
+    base = LinearHost()
+    ref = peft_lora(base, ["proj"], r=4, lora_alpha=8, lora_dropout=0.3).train()
+    model = injected_like(base, ref, ["proj"], r=4, lora_alpha=8, lora_dropout=0.3).train()
+    assert_same_dropout_distribution(model, ref)

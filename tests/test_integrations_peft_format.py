@@ -17,9 +17,10 @@ from lora_models import injected_like, lora_factors, peft_lora, tiny_bert, tiny_
 QV = ("q_proj", "v_proj")
 
 
-def trained_injected(**kwargs):
+def trained_injected(use_rslora: bool = False):
+    """(base model, injected copy with trained-like LoRA weights, r=4, alpha=8)."""
     base = tiny_llama()
-    model = injected_like(base, peft_lora(base, QV, **kwargs), QV, r=4, lora_alpha=8, **{k: v for k, v in kwargs.items() if k == "use_rslora"})
+    model = injected_like(base, peft_lora(base, QV, use_rslora=use_rslora), QV, r=4, lora_alpha=8, use_rslora=use_rslora)
     return base, model.eval()
 
 
