@@ -144,7 +144,7 @@ def test_dropout_statistics_match_peft(fused_calls):
     model = copy.deepcopy(ref)
     peftkern.patch_peft(model)
     assert_same_dropout_distribution(model, ref)
-    assert fused_calls[-1] == p
+    assert fused_calls.count(p) == 3000  # every training-mode draw went through the fused op
 
 
 def test_bfloat16_model_with_float32_adapters_is_patched(fused_calls):
