@@ -1,7 +1,7 @@
 """Training-step benchmark table: `python benchmarks/bench_training_step.py [--csv F] [--json F]`.
 
-One forward + backward + AdamW step of a Llama-style model with LoRA on q_proj/v_proj
-(dropout 0.05): `peft` vs `peft` patched by peftkern vs peftkern's inject_lora. CPU: fp32,
+One forward + backward + AdamW step of a Llama-style model with LoRA (dropout 0.05) on
+q_proj/v_proj, and on the CPU also on all seven linear layers per block: `peft` vs `peft` patched by peftkern vs peftkern's inject_lora. CPU: fp32,
 hidden 512, 4 layers, batch 4 x seq 256. GPU (when present): bf16, hidden 4096, 8 layers,
 seq 2048. "x floor" is the ratio to `peft` in the same run (below 1 is faster).
 """
@@ -25,10 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = training_step.run(training_step.default_case(), rounds=args.rounds)
+    results = [r for case in training_step.default_cases() for r in training_step.run(case, rounds=args.rounds)]
     print(format_table(results))
     for r in results:
-        print(f"{r.provider}: {1 / r.ratio_to_floor:.3f}x the speed of peft")
+        print(f"{r.case} {r.provider}: {1 / r.ratio_to_floor:.3f}x the speed of peft")
     write_results(results, args.csv, args.json)
 
 

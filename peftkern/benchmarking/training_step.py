@@ -19,7 +19,8 @@ from torch import nn
 from peftkern.benchmarking.harness import Provider, Result, make_result, peak_bytes, saved_activation_bytes, time_interleaved
 from peftkern.integrations import inject_lora, patch_peft
 
-TARGETS = ("q_proj", "v_proj")
+QV = ("q_proj", "v_proj")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,21 @@ class StepCase:
     dropout: float
     dtype: torch.dtype
     device: str
+    targets: tuple[str, ...] = QV
 
     @property
     def name(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} p{self.dropout} {dt}"
+        where = "qv" if self.targets == QV else f"{len(self.targets)}lin"
+        return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r} {dt}"
 
 
 # The vocabulary is kept small on the CPU so the LM head (identical in every provider) does
 # not drown the attention projections the providers differ in.
-CPU_CASE = StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu")
-GPU_CASE = StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda")
+# LoRA on q/v is the target configuration; on every linear layer the share of the
+# step that LoRA costs (and fusion can save) is larger.
+CPU_CASES = [StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", targets) for targets in (QV, ALL_LINEAR)]
+GPU_CASES = [StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda")]
 
 
 def build_models(case: StepCase) -> dict[str, nn.Module]:
@@ -60,7 +65,7 @@ def build_models(case: StepCase) -> dict[str, nn.Module]:
         max_position_embeddings=case.seq,
     )
     base = LlamaForCausalLM(config).to(device=case.device, dtype=case.dtype)
-    lora = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(TARGETS))
+    lora = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets))
     peft_model = get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():  # trained-like B, so the adapters do work in every provider
         for name, p in peft_model.named_parameters():
@@ -69,7 +74,7 @@ def build_models(case: StepCase) -> dict[str, nn.Module]:
     patched = copy.deepcopy(peft_model)
     patch_peft(patched)
     injected = base
-    inject_lora(injected, TARGETS, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
+    inject_lora(injected, case.targets, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
     source = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, p in injected.named_parameters():
@@ -106,11 +111,11 @@ def run(case: StepCase, *, rounds: int = 10, warmup: int = 2) -> list[Result]:
             make_result(
                 case.name, name, "train-step", times[name], floor, device,
                 saved_bytes=saved, peak_bytes=peak_bytes(steps[name], device),
-                extra={"benchmark": "training_step", "dtype": str(case.dtype), "dropout": case.dropout},
+                extra={"benchmark": "training_step", "dtype": str(case.dtype), "dropout": case.dropout, "targets": ",".join(case.targets)},
             )
         )
     return results
 
 
-def default_case() -> StepCase:
-    return GPU_CASE if torch.cuda.is_available() else CPU_CASE
+def default_cases() -> list[StepCase]:
+    return GPU_CASES if torch.cuda.is_available() else CPU_CASES
