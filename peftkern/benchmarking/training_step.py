@@ -72,7 +72,9 @@ def build_models(case: StepCase) -> dict[str, nn.Module]:
             if "lora_B" in name:
                 p.normal_(std=0.02)
     patched = copy.deepcopy(peft_model)
-    patch_peft(patched)
+    report = patch_peft(patched)
+    if report.num_skipped:  # a partly patched model would make the comparison meaningless
+        raise RuntimeError(f"peftkern: the benchmark model was not fully patched:\n{report}")
     injected = base
     inject_lora(injected, case.targets, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
     source = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
