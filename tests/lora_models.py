@@ -96,8 +96,11 @@ class LinearHost(nn.Module):
 def assert_same_dropout_distribution(model: nn.Module, ref: nn.Module, draws: int = 3000) -> None:
     """peftkern's dropout (Philox from a seed) and peft's (torch's mask) never agree mask by
     mask; their output distributions must. Inverted dropout keeps the mean at the no-dropout
-    output, and the variance depends on p only. Both models are in training mode."""
-    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(5))
+    output, and the variance depends on p only. Both models are in training mode. Seeded, so
+    deterministic; the bounds leave room for other seeds too (each row of x is one independent
+    mask, the outputs of a row are correlated), while a wrong p (0.35 for 0.3) moves the
+    variance by 25%."""
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(5))
     torch.manual_seed(0)
     with torch.no_grad():
         ours = torch.stack([model(x) for _ in range(draws)])
@@ -107,6 +110,6 @@ def assert_same_dropout_distribution(model: nn.Module, ref: nn.Module, draws: in
     assert ((ours.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
     assert ((theirs.mean(0) - exact).abs() <= 5 * sem + 1e-6).all()
     ratio = (ours.var(0) / theirs.var(0)).mean().item()
-    assert 0.93 < ratio < 1.07, f"variance ratio {ratio}"
+    assert 0.9 < ratio < 1.1, f"variance ratio {ratio}"
     with torch.no_grad():  # in eval mode dropout is off, in peft and in peftkern alike
         torch.testing.assert_close(model.eval()(x), exact)
