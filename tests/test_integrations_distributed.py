@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) with DDP and FSDP2 train an injected model to the same adapter
+"""Two CPU processes (gloo) with DDP and FSDP2 train an injected model (and DDP a patched peft
+model) to the same adapter
 weights as one process on the same global batch: peftkern must not break data parallelism."""
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ def build_model() -> torch.nn.Module:
     return model.train()
 
 
+def build_patched_peft_model() -> torch.nn.Module:
+    """The `peft` equivalent of build_model (same weights), patched by peftkern."""
+    from peft import LoraConfig, get_peft_model
+
+    injected = build_model()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    source = lora_factors(injected)
+    with torch.no_grad():
+        for key, p in lora_factors(model).items():
+            p.copy_(source[key])
+    assert peftkern.patch_peft(model).num_patched == 4
+    return model.train()
+
+
 def train(model: torch.nn.Module, rank: int = 0, world: int = 1) -> None:
     """STEPS AdamW steps; each rank takes its equal slice of every global batch, so the mean
     of the ranks' losses (what DDP/FSDP average the grads of) is the global-batch loss."""
@@ -54,8 +69,8 @@ def fsdp2_available() -> bool:
     return True
 
 
-def train_ddp(rank: int) -> dict[str, torch.Tensor]:
-    model = build_model()
+def train_ddp(rank: int, build=build_model) -> dict[str, torch.Tensor]:
+    model = build()
     train(torch.nn.parallel.DistributedDataParallel(model), rank, WORLD)
     return full_lora_factors(model)
 
@@ -79,7 +94,7 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results = {"ddp": train_ddp(rank)}
+        results = {"ddp": train_ddp(rank), "ddp-patched-peft": train_ddp(rank, build_patched_peft_model)}
         if fsdp2_available():
             results["fsdp2"] = train_fsdp2(rank)
         if rank == 0:
@@ -110,7 +125,7 @@ def single_process_factors() -> dict[str, torch.Tensor]:
     return full_lora_factors(model)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "ddp-patched-peft", "fsdp2"])
 def test_two_processes_match_one(mode, two_process_factors, single_process_factors):
     if mode == "fsdp2" and not fsdp2_available():
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) is not available in this torch")
