@@ -1,6 +1,6 @@
 """Two CPU processes (gloo) with DDP and FSDP2 train an injected model (and DDP a patched peft
-model) to the same adapter
-weights as one process on the same global batch: peftkern must not break data parallelism."""
+model) to the same adapter weights as one process on the same global batch: peftkern must not
+break data parallelism."""
 
 from __future__ import annotations
 
