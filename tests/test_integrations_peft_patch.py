@@ -11,7 +11,9 @@ from torch import nn
 
 import peftkern
 from peftkern.integrations import peft_patch
-from lora_models import LinearHost, assert_same_dropout_distribution, assert_same_lora_grads, peft_lora, tiny_llama, tokens
+from lora_models import (
+    LinearHost, assert_same_dropout_distribution, assert_same_lora_grads, lora_factors, peft_lora, tiny_llama, tokens,
+)
 
 QV = ("q_proj", "v_proj")
 
@@ -160,13 +162,29 @@ def test_bfloat16_model_with_float32_adapters_is_patched(fused_calls):
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_autocast_falls_back_to_peft(fused_calls):
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_fused_with_autocast_dtypes(fused_calls, adapter_dtype):
+    """Under autocast peft's linears run in bf16; the patched layer casts its operands the
+    same way (fp32 adapters may stay fp32) and its results and grads agree to bf16 precision."""
     ref = peft_lora(tiny_llama(), QV)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(adapter_dtype)
     model = copy.deepcopy(ref)
     peftkern.patch_peft(model)
     x = tokens()
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="autocast"):
-        ours = model(x).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(ours, ref(x).logits)
-    assert not fused_calls
+    losses = []
+    for m in (model, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(input_ids=x, labels=x)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        assert out.logits.dtype == torch.bfloat16
+    assert len(fused_calls) == 4
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=2e-2)
+    grads, ref_grads = lora_factors(model, grads=True), lora_factors(ref, grads=True)
+    for key in grads:
+        assert grads[key].dtype == adapter_dtype
+        scale = ref_grads[key].float().abs().max()
+        assert (grads[key].float() - ref_grads[key].float()).abs().max() <= 0.05 * scale, key

@@ -97,20 +97,31 @@ def _state_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _call_reason(module: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> str | None:
+def _operands(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(x, weight, bias, lora_A, lora_B) as the fused op will take them. Under autocast they
+    are cast as autocast would cast peft's linears (to the autocast dtype), except that fp32
+    adapters stay fp32: the op takes them with a half-precision x, at no extra memory."""
+    name = module.active_adapters[0]
+    base = module.base_layer
+    operands = (x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight)
+    if not torch.is_autocast_enabled(x.device.type):
+        return operands
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias, lora_A, lora_B = operands
+    cast = (lambda t: t) if lora_A.dtype == torch.float32 else (lambda t: t.to(dtype))
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast(lora_A), cast(lora_B)
+
+
+def _call_reason(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, args: tuple, kwargs: dict) -> str | None:
     """Why this particular call must go to peft (arguments and dtypes, not layer state)."""
     if args or kwargs:
         return "extra forward arguments (e.g. adapter_names for mixed-adapter batches)"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled"
-    name = module.active_adapters[0]
-    adapter_dtype = module.lora_A[name].weight.dtype
-    if x.dtype != module.base_layer.weight.dtype or module.lora_B[name].weight.dtype != adapter_dtype:
+    if x.dtype != weight.dtype or lora_B.dtype != lora_A.dtype:
         return "input and base weight, or lora_A and lora_B, differ in dtype"
     # peft keeps adapters of a float16/bfloat16 model in float32 by default
     # (autocast_adapter_dtype=True); the fused op takes exactly that combination.
-    if adapter_dtype != x.dtype and not (adapter_dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
-        return f"LoRA weights in {adapter_dtype} with input in {x.dtype}"
+    if lora_A.dtype != x.dtype and not (lora_A.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"LoRA weights in {lora_A.dtype} with input in {x.dtype}"
     return None
 
 
@@ -118,20 +129,22 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     peft_forward = type(self).forward
     if _state_reason(self) is not None:
         return peft_forward(self, x, *args, **kwargs)
-    reason = _call_reason(self, x, args, kwargs)
+    x_op, weight, bias, lora_A, lora_B = _operands(self, x)
+    reason = _call_reason(x_op, weight, lora_A, lora_B, args, kwargs)
     if reason is not None:
         # Not silent: this call computes LoRA, only slower than it could. Python's warning
         # filter shows each reason once.
         warnings.warn(f"peftkern: a patched layer runs peft's forward: {reason}", stacklevel=2)
         return peft_forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
-    base = self.base_layer
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return lora_linear(
-        x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight,
-        bias=base.bias, scaling=self.scaling[name], dropout=p, training=True,
-    )
+    # The operands already have the dtypes autocast would choose; autocast must not re-cast
+    # the GEMMs inside the op's kernels, which expect exactly these dtypes.
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear(
+            x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True,
+        )
 
 
 def _is_patched(module: nn.Module) -> bool:
