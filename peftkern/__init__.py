@@ -22,3 +22,20 @@ def build_info() -> dict[str, Any]:
 
 
 __all__ = ["LoRALinear", "build_info", "lora_linear", "__version__"]
+
+from peftkern.integrations import (  # noqa: E402
+    AdapterFormatError,
+    LoRASummary,
+    PatchReport,
+    inject_lora,
+    load_adapter,
+    merge_and_unload,
+    patch_peft,
+    save_adapter,
+    unpatch_peft,
+)
+
+__all__ += [
+    "AdapterFormatError", "LoRASummary", "PatchReport", "inject_lora", "load_adapter",
+    "merge_and_unload", "patch_peft", "save_adapter", "unpatch_peft",
+]

@@ -15,7 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -110,16 +110,63 @@ def run_once(provider: Provider, mode: str, grad: Tensor, device: torch.device) 
     return time.perf_counter() - start
 
 
-def _peak_bytes(provider: Provider, grad: Tensor, device: torch.device) -> int | None:
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory allocated while `fn()` runs, above what was allocated before it;
+    None off CUDA (no allocator statistics to read)."""
     if device.type != "cuda":
         return None
-    clear_grads(provider)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    provider.forward().backward(grad)
+    fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def _peak_bytes(provider: Provider, grad: Tensor, device: torch.device) -> int | None:
+    clear_grads(provider)
+    return peak_bytes(lambda: provider.forward().backward(grad), device)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, *, rounds: int = 15, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn round by round (so a slow drift of the
+    machine hits all alike) after `warmup` untimed rounds. For whole steps, such as a training
+    step with its optimizer, that `Provider`'s forward/backward modes do not describe."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def make_result(
+    case: str, provider: str, mode: str, times: Sequence[float], floor_median: float, device: torch.device,
+    *, saved_bytes: int, peak_bytes: int | None, extra: dict | None = None,
+) -> Result:
+    """One Result row from raw times (seconds): median, 10%/90% quantiles, ratio to the floor."""
+    import peftkern
+
+    ts = sorted(times)
+    median = statistics.median(ts)
+    return Result(
+        case=case, provider=provider, mode=mode,
+        median_ms=median * 1e3,
+        q10_ms=ts[len(ts) // 10] * 1e3,
+        q90_ms=ts[(len(ts) * 9) // 10 - (1 if len(ts) % 10 == 0 else 0)] * 1e3,
+        ratio_to_floor=median / floor_median,
+        saved_bytes=saved_bytes, peak_bytes=peak_bytes,
+        machine=machine_description(device), torch=torch.__version__, peftkern=peftkern.__version__,
+        extra=dict(extra or {}),
+    )
 
 
 def measure_case(
@@ -134,10 +181,7 @@ def measure_case(
     extra: dict | None = None,
 ) -> list[Result]:
     """Times every provider in every mode, interleaved, and returns one Result per pair."""
-    import peftkern
-
     grad = torch.randn_like(providers[0].forward().detach())
-    machine = machine_description(device)
     results: list[Result] = []
     for mode in modes:
         times: dict[str, list[float]] = {p.name: [] for p in providers}
@@ -149,19 +193,12 @@ def measure_case(
                 times[p.name].append(run_once(p, mode, grad, device))
         floor_median = statistics.median(times[floor])
         for p in providers:
-            ts = sorted(times[p.name])
-            median = statistics.median(ts)
             results.append(
-                Result(
-                    case=case, provider=p.name, mode=mode,
-                    median_ms=median * 1e3,
-                    q10_ms=ts[len(ts) // 10] * 1e3,
-                    q90_ms=ts[(len(ts) * 9) // 10 - (1 if len(ts) % 10 == 0 else 0)] * 1e3,
-                    ratio_to_floor=median / floor_median,
+                make_result(
+                    case, p.name, mode, times[p.name], floor_median, device,
                     saved_bytes=saved_activation_bytes(p),
                     peak_bytes=_peak_bytes(p, grad, device) if mode == "forward+backward" else None,
-                    machine=machine, torch=torch.__version__, peftkern=peftkern.__version__,
-                    extra=dict(extra or {}),
+                    extra=extra,
                 )
             )
     return results

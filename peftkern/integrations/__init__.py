@@ -1,0 +1,16 @@
+"""Drop-in integrations with Hugging Face `transformers` and `peft`.
+
+`inject_lora` turns a plain model into a LoRA model, `patch_peft` speeds up a model built by
+`peft` in place, `save_adapter`/`load_adapter` speak peft's file format, `merge_and_unload`
+returns to plain nn.Linear layers. `peft` itself is only imported by `patch_peft`.
+"""
+
+from peftkern.integrations.inject import LoRASummary, inject_lora
+from peftkern.integrations.merge import merge_and_unload
+from peftkern.integrations.peft_format import AdapterFormatError, load_adapter, save_adapter
+from peftkern.integrations.peft_patch import PatchReport, patch_peft, unpatch_peft
+
+__all__ = [
+    "AdapterFormatError", "LoRASummary", "PatchReport", "inject_lora", "load_adapter",
+    "merge_and_unload", "patch_peft", "save_adapter", "unpatch_peft",
+]

@@ -1,0 +1,77 @@
+"""inject_lora: turn a plain model into a LoRA model in place with peftkern's LoRALinear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftkern.integrations.targets import TargetModules, select_linear_targets
+from peftkern.nn import LoRALinear
+
+
+@dataclass
+class LoRASummary:
+    """What inject_lora did: the parameters left trainable and the modules it replaced."""
+
+    trainable_params: int
+    total_params: int
+    replaced: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_share(self) -> float:
+        """Trainable parameters as a percentage of all parameters."""
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
+            f"trainable%: {self.trainable_share:.4f} || LoRA on {len(self.replaced)} modules"
+        )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) over distinct parameters, so tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def replace_with_lora(
+    model: nn.Module, names: list[str], *, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool
+) -> None:
+    """Swaps each named nn.Linear for a LoRALinear sharing its weight and bias, then freezes
+    every parameter that is not a LoRA factor."""
+    # Build every layer before swapping any, so a bad r or dropout leaves the model unchanged.
+    layers = {
+        name: LoRALinear.from_linear(
+            model.get_submodule(name), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora
+        )
+        for name in names
+    }
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    for module in model.modules():
+        is_lora = isinstance(module, LoRALinear)
+        for pname, p in module.named_parameters(recurse=False):
+            p.requires_grad_(is_lora and pname in ("lora_A", "lora_B"))
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: TargetModules = ("q_proj", "v_proj"),
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> LoRASummary:
+    """Replaces the matching `nn.Linear` modules of `model` by `LoRALinear` in place and
+    freezes everything else. The model then equals the original at initialisation (B = 0).
+
+    `target_modules`: a regex str (full match against the module name) or a list of names
+    matched exactly or as a dotted suffix, as in `peft.LoraConfig`.
+    """
+    names = select_linear_targets(model, target_modules)
+    replace_with_lora(model, names, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    trainable, total = count_parameters(model)
+    return LoRASummary(trainable, total, names)

@@ -1,0 +1,185 @@
+"""patch_peft: run a `peft` LoRA model's Linear layers through peftkern's fused op, in place.
+
+Only the forward method of each covered layer is swapped (an instance attribute shadowing the
+class method); parameters, module tree, state_dict keys and save_pretrained/from_pretrained
+stay exactly peft's. The swapped forward re-checks the layer's state on every call and hands
+anything it does not cover back to peft's own forward, so a later merge, set_adapter,
+disable_adapter or adapter_names batch stays correct.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkern.functional import lora_linear
+
+
+@dataclass
+class PatchReport:
+    """Layers switched to peftkern, and layers left on peft's forward with the reason."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.patched)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __str__(self) -> str:
+        lines = [f"peftkern: patched {self.num_patched} LoRA layers, skipped {self.num_skipped}"]
+        reasons: dict[str, int] = {}
+        for reason in self.skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines += [f"  skipped {n}: {reason}" for reason, n in sorted(reasons.items())]
+        return "\n".join(lines)
+
+
+def _peft_lora_linear_class() -> type:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as exc:
+        raise ImportError("peftkern: patch_peft needs the `peft` package (pip install peft)") from exc
+    return Linear
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict)
+
+
+def _static_reason(module: nn.Module, linear_cls: type) -> str | None:
+    """Why peftkern can never run this layer (checked once, at patch time)."""
+    if type(module) is not linear_cls:
+        # peft's quantized (bnb, gptq, ...) and Conv/Embedding LoRA layers are subclasses or
+        # siblings of LoraLayer with their own forward.
+        return f"{type(module).__module__}.{type(module).__name__} is not peft's plain LoRA Linear (quantized or non-Linear base)"
+    base = module.base_layer  # what the fused forward reads the weight and bias from
+    if type(base) is not nn.Linear:
+        return f"base layer is a {type(base).__name__}, not nn.Linear"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        # e.g. accelerate's offloading hooks, which move the weight in before each call: the
+        # fused op reads base.weight directly and would bypass them.
+        return "base layer has forward hooks (e.g. accelerate offloading)"
+    if module.fan_in_fan_out:
+        return "fan_in_fan_out=True (transposed base weight)"
+    if "forward" in module.__dict__:
+        return "forward already replaced on the instance (e.g. an accelerate hook)"
+    return None
+
+
+def _state_reason(module: nn.Module) -> str | None:
+    """Why peftkern cannot run this layer in its current state (checked at every call)."""
+    if module.disable_adapters:
+        return "adapters disabled"
+    if module.merged:
+        return "adapter merged into the base weight"
+    active = module.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} active adapters (peftkern fuses exactly one)"
+    name = active[0]
+    if name not in module.lora_A:
+        return f"active adapter {name!r} has no LoRA weights on this layer"
+    if name in module.lora_variant:
+        return f"LoRA variant {type(module.lora_variant[name]).__name__} (e.g. DoRA)"
+    if module.lora_bias.get(name, False):
+        return "lora_bias=True (bias on lora_B)"
+    if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(module.lora_dropout[name]).__name__}"
+    return None
+
+
+def _operands(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """(x, weight, bias, lora_A, lora_B) as the fused op will take them. Under autocast they
+    are cast as autocast would cast peft's linears (to the autocast dtype), except that fp32
+    adapters stay fp32: the op takes them with a half-precision x, at no extra memory."""
+    name = module.active_adapters[0]
+    base = module.base_layer
+    operands = (x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight)
+    if not torch.is_autocast_enabled(x.device.type):
+        return operands
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x, weight, bias, lora_A, lora_B = operands
+    cast = (lambda t: t) if lora_A.dtype == torch.float32 else (lambda t: t.to(dtype))
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast(lora_A), cast(lora_B)
+
+
+def _call_reason(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, args: tuple, kwargs: dict) -> str | None:
+    """Why this particular call must go to peft (arguments and dtypes, not layer state)."""
+    if args or kwargs:
+        return "extra forward arguments (e.g. adapter_names for mixed-adapter batches)"
+    if x.dtype != weight.dtype or lora_B.dtype != lora_A.dtype:
+        return "input and base weight, or lora_A and lora_B, differ in dtype"
+    # peft keeps adapters of a float16/bfloat16 model in float32 by default
+    # (autocast_adapter_dtype=True); the fused op takes exactly that combination.
+    if lora_A.dtype != x.dtype and not (lora_A.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return f"LoRA weights in {lora_A.dtype} with input in {x.dtype}"
+    return None
+
+
+def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    peft_forward = type(self).forward
+    if _state_reason(self) is not None:
+        return peft_forward(self, x, *args, **kwargs)
+    x_op, weight, bias, lora_A, lora_B = _operands(self, x)
+    reason = _call_reason(x_op, weight, lora_A, lora_B, args, kwargs)
+    if reason is not None:
+        # Not silent: this call computes LoRA, only slower than it could. Python's warning
+        # filter shows each reason once.
+        warnings.warn(f"peftkern: a patched layer runs peft's forward: {reason}", stacklevel=2)
+        return peft_forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    # The operands already have the dtypes autocast would choose; autocast must not re-cast
+    # the GEMMs inside the op's kernels, which expect exactly these dtypes.
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_linear(
+            x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True,
+        )
+
+
+def _is_patched(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _fused_forward
+
+
+def patch_peft(peft_model: nn.Module) -> PatchReport:
+    """Switches every LoRA Linear layer of a `peft` model to peftkern's fused op in place.
+
+    Returns a PatchReport: layers patched, and layers left on peft's forward with the reason
+    (DoRA and other variants, quantized or non-Linear bases, lora_bias, merged layers, several
+    active adapters, ...). Calling it again is harmless; `unpatch_peft` undoes it."""
+    linear_cls = _peft_lora_linear_class()
+    report = PatchReport()
+    for name, module in peft_model.named_modules():
+        if not _is_lora_layer(module):
+            continue
+        if _is_patched(module):
+            report.patched.append(name)
+            continue
+        reason = _static_reason(module, linear_cls) or _state_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        module.forward = types.MethodType(_fused_forward, module)
+        report.patched.append(name)
+    return report
+
+
+def unpatch_peft(peft_model: nn.Module) -> int:
+    """Restores peft's forward on every layer patch_peft switched; returns how many."""
+    restored = 0
+    for module in peft_model.modules():
+        if _is_patched(module):
+            del module.forward
+            restored += 1
+    return restored
