@@ -98,24 +98,26 @@ def _state_reason(module: nn.Module) -> str | None:
 
 
 def _operands(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
-    """(x, weight, bias, lora_A, lora_B) as the fused op will take them. Under autocast they
-    are cast as autocast would cast peft's linears (to the autocast dtype), except that fp32
-    adapters stay fp32: the op takes them with a half-precision x, at no extra memory."""
+    """(x, weight, bias, lora_A, lora_B) of the active adapter, as the fused op takes them."""
     name = module.active_adapters[0]
     base = module.base_layer
-    operands = (x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight)
-    if not torch.is_autocast_enabled(x.device.type):
-        return operands
-    dtype = torch.get_autocast_dtype(x.device.type)
-    x, weight, bias, lora_A, lora_B = operands
-    cast = (lambda t: t) if lora_A.dtype == torch.float32 else (lambda t: t.to(dtype))
-    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), cast(lora_A), cast(lora_B)
+    return x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight
 
 
-def _call_reason(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, args: tuple, kwargs: dict) -> str | None:
-    """Why this particular call must go to peft (arguments and dtypes, not layer state)."""
+def _autocast_on(x: Tensor) -> bool:
+    device_type = x.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _argument_reason(args: tuple, kwargs: dict) -> str | None:
+    """Why this particular call's arguments must go to peft."""
     if args or kwargs:
         return "extra forward arguments (e.g. adapter_names for mixed-adapter batches)"
+    return None
+
+
+def _dtype_reason(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> str | None:
+    """Why this call's dtypes must go to peft (outside autocast)."""
     if x.dtype != weight.dtype or lora_B.dtype != lora_A.dtype:
         return "input and base weight, or lora_A and lora_B, differ in dtype"
     # peft keeps adapters of a float16/bfloat16 model in float32 by default
@@ -130,7 +132,11 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     if _state_reason(self) is not None:
         return peft_forward(self, x, *args, **kwargs)
     x_op, weight, bias, lora_A, lora_B = _operands(self, x)
-    reason = _call_reason(x_op, weight, lora_A, lora_B, args, kwargs)
+    # Under autocast the fused op casts its operands as autocast casts peft's linears (float32
+    # adapters stay float32), so only the call's arguments can rule it out.
+    reason = _argument_reason(args, kwargs)
+    if reason is None and not _autocast_on(x):
+        reason = _dtype_reason(x_op, weight, lora_A, lora_B)
     if reason is not None:
         # Not silent: this call computes LoRA, only slower than it could. Python's warning
         # filter shows each reason once.
@@ -139,12 +145,7 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     name = self.active_adapters[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    # The operands already have the dtypes autocast would choose; autocast must not re-cast
-    # the GEMMs inside the op's kernels, which expect exactly these dtypes.
-    with torch.autocast(x.device.type, enabled=False):
-        return lora_linear(
-            x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True,
-        )
+    return lora_linear(x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True)
 
 
 def _is_patched(module: nn.Module) -> bool:
