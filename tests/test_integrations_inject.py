@@ -85,3 +85,11 @@ def test_dropout_statistics_match_peft():
     ref = peft_lora(base, ["proj"], r=4, lora_alpha=8, lora_dropout=0.3).train()
     model = injected_like(base, ref, ["proj"], r=4, lora_alpha=8, lora_dropout=0.3).train()
     assert_same_dropout_distribution(model, ref)
+
+
+def test_inject_lora_keeps_float32_adapters_on_a_bfloat16_model():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.bfloat16)
+    peftkern.inject_lora(model, target_modules=["0"], r=4, adapter_dtype=torch.float32)
+    assert model[0].lora_A.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
+    out = model(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16

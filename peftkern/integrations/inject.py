@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from peftkern.integrations.targets import TargetModules, select_linear_targets
@@ -37,14 +38,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def replace_with_lora(
-    model: nn.Module, names: list[str], *, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool
+    model: nn.Module,
+    names: list[str],
+    *,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    use_rslora: bool,
+    adapter_dtype: torch.dtype | None = None,
 ) -> None:
     """Swaps each named nn.Linear for a LoRALinear sharing its weight and bias, then freezes
     every parameter that is not a LoRA factor."""
     # Build every layer before swapping any, so a bad r or dropout leaves the model unchanged.
     layers = {
         name: LoRALinear.from_linear(
-            model.get_submodule(name), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora
+            model.get_submodule(name), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            use_rslora=use_rslora, adapter_dtype=adapter_dtype,
         )
         for name in names
     }
@@ -64,14 +73,20 @@ def inject_lora(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    adapter_dtype: torch.dtype | None = None,
 ) -> LoRASummary:
     """Replaces the matching `nn.Linear` modules of `model` by `LoRALinear` in place and
     freezes everything else. The model then equals the original at initialisation (B = 0).
 
     `target_modules`: a regex str (full match against the module name) or a list of names
-    matched exactly or as a dotted suffix, as in `peft.LoraConfig`.
+    matched exactly or as a dotted suffix, as in `peft.LoraConfig`. `adapter_dtype`
+    (e.g. torch.float32 on a bf16 model, as peft does by default) keeps the adapters in
+    another dtype than the base weights.
     """
     names = select_linear_targets(model, target_modules)
-    replace_with_lora(model, names, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+    replace_with_lora(
+        model, names, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        adapter_dtype=adapter_dtype,
+    )
     trainable, total = count_parameters(model)
     return LoRASummary(trainable, total, names)
