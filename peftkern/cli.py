@@ -23,7 +23,7 @@ def _info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"GPU {i}: {p.name}, compute capability {p.major}.{p.minor}, "
+            print(f"GPU: cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, "
                   f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
     else:
         cuda = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch"
