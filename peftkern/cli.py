@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--list-methods", action="store_true", help="list the methods and whether this build has them")
     compare.add_argument("--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)")
     compare.add_argument("--data", help='a JSONL file of {"text","label"} or {"prompt","completion"} records')
-    compare.add_argument("--epochs", type=int, default=4, help="at most this many epochs (default 4)")
+    compare.add_argument("--epochs", type=int, default=3, help="at most this many epochs (default 3)")
     compare.add_argument("--steps", type=int, help="at most this many training steps per method")
     compare.add_argument("--batch-size", type=int, default=16)
     compare.add_argument("--max-length", type=int, default=40, help="tokens per example (default 40)")

@@ -95,7 +95,7 @@ def _review(rng: random.Random, label: int) -> str:
     )
 
 
-def reviews(train: int = 512, validation: int = 128, test: int = 256, seed: int = 0) -> Task:
+def reviews(train: int = 384, validation: int = 128, test: int = 256, seed: int = 0) -> Task:
     """The built-in sentiment task: balanced labels, the same sentences for the same sizes
     and seed on every machine; no sentence appears in two splits."""
     rng = random.Random(seed)
@@ -119,7 +119,8 @@ def _record_kind(record: object, where: str) -> TaskKind:
         raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if isinstance(record.get("text"), str) and "label" in record and isinstance(record["label"], (int, str)):
         return "classification"
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+    # An empty completion would leave nothing to learn (and a loss over no tokens).
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str) and record["completion"]:
         return "causal-lm"
     raise UsageError(f'{where}: expected {{"text": str, "label": int|str}} or {{"prompt": str, "completion": str}}')
 
@@ -154,13 +155,15 @@ def load_jsonl(path: str | Path, seed: int = 0) -> Task:
             raise UsageError(f'{path}: "split" must be one of {", ".join(SPLITS)} on every record, got {bad!r}')
         splits = {s: [r for r in records if r["split"] == s] for s in SPLITS}
     else:
+        if len(records) < len(SPLITS):
+            raise UsageError(f'{path}: {len(records)} record(s); a file without "split" fields needs at least {len(SPLITS)}')
         random.Random(seed).shuffle(records)
         n_val = n_test = max(1, len(records) // 10)
         n_train = len(records) - n_val - n_test
         splits = {"train": records[:n_train], "validation": records[n_train:n_train + n_val], "test": records[n_train + n_val:]}
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
-        raise UsageError(f"{path}: {len(records)} records leave the {'/'.join(empty)} split empty; give at least 3 records")
+        raise UsageError(f"{path}: no records in the {'/'.join(empty)} split")
 
     labels: list[str] = []
     if kind == "classification":
@@ -176,8 +179,12 @@ def _label_names(raw: list[int | str], path: Path) -> tuple[list[str], dict[int 
         if min(raw) < 0:
             raise UsageError(f"{path}: integer labels must be >= 0, got {min(raw)}")
         count = max(raw) + 1
+        if count < 2:
+            raise UsageError(f"{path}: a classification file needs at least 2 distinct labels, got only 0")
         return [str(i) for i in range(count)], {i: i for i in range(count)}
     if any(isinstance(label, int) for label in raw):
         raise UsageError(f"{path}: labels mix integers and strings")
     names = sorted(set(raw))
+    if len(names) < 2:
+        raise UsageError(f"{path}: a classification file needs at least 2 distinct labels, got {names}")
     return names, {name: i for i, name in enumerate(names)}

@@ -99,11 +99,11 @@ def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
 
 # The floor first, then by growing trainable share. Head-only has no meaning for a causal LM,
 # whose head is the (often tied) token embedding.
-register(Method("head-only", "train the new task head only (the floor)", 2e-3, _head_only, kinds=("classification",)))
-register(Method("lora", f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)", 1e-3, _lora, ("LoRALinear",)))
+register(Method("head-only", "train the new task head only (the floor)", 5e-3, _head_only, kinds=("classification",)))
+register(Method("lora", f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)", 2e-3, _lora, ("LoRALinear",)))
 # Waiting for their modules (other branches): each becomes available by giving `apply`.
 register(Method("houlsby", "Houlsby adapters after attention and FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
 register(Method("pfeiffer", "Pfeiffer adapters after the FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
 register(Method("prefix", "prefix tuning, prefix rows trained directly (peftkern.nn.PrefixAttention)", 5e-3, None, ("PrefixEncoder", "PrefixAttention")))
 register(Method("prefix-mlp", "prefix tuning with MLP reparameterisation (peftkern.nn.PrefixEncoder)", 1e-3, None, ("PrefixEncoder", "PrefixAttention")))
-register(Method("full", "full fine-tuning of every parameter", 5e-5, _full))
+register(Method("full", "full fine-tuning of every parameter", 1e-4, _full))

@@ -67,4 +67,7 @@ def load_model(path: str, task: Task, pad_token_id: int) -> Loaded:
         raise UsageError(f"cannot load a {task.kind} model from {path}: {str(error).splitlines()[0]}") from None
     # Decoder classifiers find the last real token by the pad id.
     model.config.pad_token_id = pad_token_id
-    return Loaded(model, sorted(info["missing_keys"]))
+    # A classifier's new head is what the checkpoint lacked. A causal LM has no new head: its
+    # output layer is pretrained (often tied to the embeddings, which may be reported missing).
+    head = sorted(info["missing_keys"]) if task.kind == "classification" else []
+    return Loaded(model, head)

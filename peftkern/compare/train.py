@@ -28,7 +28,7 @@ from peftkern.compare.methods import Method
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 4
+    epochs: int = 3
     max_steps: int | None = None  # stop after this many optimiser steps, even mid-epoch
     batch_size: int = 16
     patience: int = 2
