@@ -189,10 +189,18 @@ def test_list_methods_marks_what_this_build_lacks(capsys):
         (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
         (["--methods", "lora,dora"], "unknown method 'dora'"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--device", "potato"], "bad device 'potato'"),
     ],
 )
 def test_bad_arguments_give_one_line(capsys, argv, expected):
     _one_error_line(capsys, ["compare", *argv], expected)
+
+
+def test_cuda_without_a_gpu_and_unwritable_out_give_one_line(capsys, tmp_path):
+    if not torch.cuda.is_available():
+        _one_error_line(capsys, ["compare", "--device", "cuda"], "this machine has no usable CUDA GPU")
+    (tmp_path / "file").write_text("")
+    _one_error_line(capsys, ["compare", "--out", str(tmp_path / "file" / "out")], "cannot create the output directory")
 
 
 def test_unavailable_method_gives_one_line(capsys):

@@ -46,9 +46,14 @@ def run(config: CompareConfig) -> Comparison:
     try:
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
-        raise UsageError(f"bad device {config.device!r}: {error}") from None
+        raise UsageError(f"bad device {config.device!r}: {str(error).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {config.device!r}: this machine has no usable CUDA GPU")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output directory {out}: {error.strerror}") from None
 
     tokenizer = load_tokenizer(model_path)
     splits = {s: encode(task.split(s), task.kind, tokenizer, config.max_length) for s in data.SPLITS}
@@ -58,7 +63,7 @@ def run(config: CompareConfig) -> Comparison:
         torch.manual_seed(config.train.seed)
         loaded = load_model(model_path, task, tokenizer.pad_token_id)
         results.append(train_method(method, loaded.model, loaded.head, splits, task.kind, config.train, device))
-        del loaded
+        del loaded  # before the next copy is loaded, so that two never coexist
 
     sizes = "/".join(str(len(task.split(s))) for s in data.SPLITS)
     title = (f"{Path(model_path).name} on {task.name} ({task.kind}, train/val/test {sizes}); "
