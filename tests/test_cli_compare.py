@@ -207,7 +207,7 @@ def test_unavailable_method_gives_one_line(capsys):
     missing = [m.name for m in methods.METHODS.values() if m.unavailable_reason()]
     if not missing:
         pytest.skip("every method is available in this build")
-    _one_error_line(capsys, ["compare", "--methods", missing[0]], f"method {missing[0]!r} is not available")
+    _one_error_line(capsys, ["compare", "--methods", missing[0]], f"method {missing[0]!r} is not available in this build: needs peftkern.nn.")
 
 
 @pytest.mark.parametrize(

@@ -42,9 +42,9 @@ class Method:
         """None when the method can run in this build, else why not."""
         missing = [name for name in self.requires if not hasattr(peftkern.nn, name)]
         if missing:
-            return f"peftkern.nn.{missing[0]} is not in this build"
+            return f"needs peftkern.nn.{missing[0]}"
         if self.apply is None:
-            return "not wired into compare yet"
+            return "not wired into peftkern compare yet"
         return None
 
 
@@ -90,7 +90,7 @@ def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
         method = METHODS[name]
         reason = method.unavailable_reason()
         if reason:
-            raise UsageError(f"method {name!r} is not available: {reason}")
+            raise UsageError(f"method {name!r} is not available in this build: {reason}")
         if kind not in method.kinds:
             raise UsageError(f"method {name!r} does not apply to a {kind} task")
         chosen.append(method)
