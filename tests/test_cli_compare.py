@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,18 @@ def test_early_stopping_restores_the_best_epoch(tiny_bert):
     assert result.stopped_early and result.epochs_run == result.best_epoch + 1
     val_loss, val_acc = evaluate(loaded.model, {k: v for k, v in splits["validation"].items()}, task.kind, 8)
     assert val_loss == pytest.approx(result.val_loss, rel=1e-5) and val_acc == result.val_accuracy
+
+
+def test_progress_without_tqdm_is_one_stderr_line(monkeypatch, capsys):
+    from peftkern.compare.train import _Progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `from tqdm import tqdm` fail
+    progress = _Progress(2, "lora", enabled=True)
+    progress.update("loss 0.5")
+    progress.update("loss 0.4")
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.endswith("\rlora: 2/2 steps loss 0.4\n") and err.count("\n") == 1
 
 
 # --- the command ------------------------------------------------------------------------
