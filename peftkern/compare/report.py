@@ -59,6 +59,7 @@ def write_plot(results: Sequence[MethodResult], path: Path, title: str) -> bool:
         acc.scatter(r.trainable_pct, r.test_accuracy, s=40)
         acc.annotate(r.method, (r.trainable_pct, r.test_accuracy), textcoords="offset points", xytext=(5, 4))
     acc.set_xscale("log")
+    acc.set_ylim(0.0, 1.0)
     acc.set_xlabel("trainable parameters (% of the model)")
     acc.set_ylabel("test accuracy")
     acc.grid(alpha=0.3)

@@ -11,7 +11,7 @@ import peftkern
 from peftkern.benchmarking.harness import machine_description
 from peftkern.compare import data, methods, report
 from peftkern.compare.batches import encode
-from peftkern.compare.model import check_checkpoint, default_model_path, load_model, load_tokenizer
+from peftkern.compare.model import DEFAULT_MODEL_NAME, check_checkpoint, default_model_path, load_model, load_tokenizer
 from peftkern.compare.train import MethodResult, TrainConfig, train_method
 from peftkern.errors import UsageError
 
@@ -66,7 +66,8 @@ def run(config: CompareConfig) -> Comparison:
         del loaded  # before the next copy is loaded, so that two never coexist
 
     sizes = "/".join(str(len(task.split(s))) for s in data.SPLITS)
-    title = (f"{Path(model_path).name} on {task.name} ({task.kind}, train/val/test {sizes}); "
+    model_name = Path(model_path).name if config.model else DEFAULT_MODEL_NAME
+    title = (f"{model_name} on {task.name} ({task.kind}, train/val/test {sizes}); "
              f"{machine_description(device)}; torch {torch.__version__}; peftkern {peftkern.__version__}")
     files = [out / "compare.csv", out / "compare.json"]
     report.write_csv(results, files[0])
@@ -75,6 +76,6 @@ def run(config: CompareConfig) -> Comparison:
         "labels": task.labels, "split_sizes": dict(zip(data.SPLITS, map(int, sizes.split("/")))),
         "device": str(device), "config": {"max_length": config.max_length, **asdict(config.train)},
     })
-    if report.write_plot(results, out / "compare.png", f"{Path(model_path).name} on {task.name}"):
+    if report.write_plot(results, out / "compare.png", f"{model_name} on {task.name}"):
         files.append(out / "compare.png")
     return Comparison(title, results, files)
