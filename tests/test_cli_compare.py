@@ -123,7 +123,7 @@ def test_early_stopping_restores_the_best_epoch(tiny_bert):
     config = TrainConfig(epochs=6, batch_size=8, patience=1, progress=False)
     result = train_method(diverge, loaded.model, loaded.head, splits, task.kind, config, torch.device("cpu"))
     assert result.stopped_early and result.epochs_run == result.best_epoch + 1
-    val_loss, val_acc = evaluate(loaded.model, {k: v for k, v in splits["validation"].items()}, task.kind, 8)
+    val_loss, val_acc = evaluate(loaded.model, splits["validation"], task.kind, 8)
     assert val_loss == pytest.approx(result.val_loss, rel=1e-5) and val_acc == result.val_accuracy
 
 
