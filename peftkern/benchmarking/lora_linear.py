@@ -103,3 +103,8 @@ def run(cases: list[LoRACase], *, rounds: int = 15, with_compile: bool = True) -
 
 def default_cases() -> list[LoRACase]:
     return GPU_CASES if torch.cuda.is_available() else CPU_CASES
+
+
+def quick_cases() -> list[LoRACase]:
+    """Tiny shapes (odd sizes on purpose) that check the suite runs, in well under a second."""
+    return [LoRACase(37, 40, 24, 4, 0.05, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")]

@@ -1,0 +1,109 @@
+"""The fine-tuning methods `peftkern compare` knows, as one registry.
+
+A method is a name, a learning rate, and `apply(model)`: it is called on the pretrained
+model after every parameter has been frozen, and makes trainable (or inserts) what the
+method trains. The task head (the parameters the checkpoint did not have, e.g. a new
+classifier) is unfrozen afterwards for every method, so "head-only" is the floor each method
+is measured against. Learning rates are the usual ones for each kind of method: low for
+full fine-tuning, higher for the small adapters, which start from zero.
+
+A method whose peftkern module is not in this build stays listed, as unavailable, until its
+`apply` is written: see `register` at the end of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+import peftkern.nn
+from peftkern.compare.data import TaskKind
+from peftkern.errors import UsageError
+
+# Attention projections LoRA adapts by default (q and v, as in the LoRA paper), in BERT
+# naming and in Llama/Mistral/Qwen naming.
+LORA_TARGETS = ("query", "value", "q_proj", "v_proj")
+LORA_RANK = 8
+LORA_ALPHA = 16.0
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    lr: float
+    apply: Callable[[nn.Module], None] | None
+    requires: tuple[str, ...] = ()  # peftkern.nn names the method is built from
+    kinds: tuple[TaskKind, ...] = ("classification", "causal-lm")
+
+    def unavailable_reason(self) -> str | None:
+        """None when the method can run in this build, else why not."""
+        missing = [name for name in self.requires if not hasattr(peftkern.nn, name)]
+        if missing:
+            return f"needs peftkern.nn.{missing[0]}"
+        if self.apply is None:
+            return "not wired into peftkern compare yet"
+        return None
+
+
+def _full(model: nn.Module) -> None:
+    model.requires_grad_(True)
+
+
+def _head_only(model: nn.Module) -> None:
+    """Nothing beyond the task head, which every method trains."""
+
+
+def _lora(model: nn.Module) -> None:
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS]
+    if not targets:
+        raise UsageError(f"lora: the model has no linear layer named {'/'.join(LORA_TARGETS)} to adapt")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, peftkern.nn.LoRALinear.from_linear(linear, r=LORA_RANK, lora_alpha=LORA_ALPHA))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+def available(kind: TaskKind) -> list[Method]:
+    return [m for m in METHODS.values() if m.unavailable_reason() is None and kind in m.kinds]
+
+
+def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
+    """The methods named (in that order), or every available one; a name that is unknown,
+    unavailable or unfit for the task is a UsageError."""
+    if not names:
+        return available(kind)
+    chosen = []
+    for name in names:
+        if name not in METHODS:
+            raise UsageError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        method = METHODS[name]
+        reason = method.unavailable_reason()
+        if reason:
+            raise UsageError(f"method {name!r} is not available in this build: {reason}")
+        if kind not in method.kinds:
+            raise UsageError(f"method {name!r} does not apply to a {kind} task")
+        chosen.append(method)
+    return chosen
+
+
+# The floor first, then by growing trainable share. Head-only has no meaning for a causal LM,
+# whose head is the (often tied) token embedding.
+register(Method("head-only", "train the new task head only (the floor)", 5e-3, _head_only, kinds=("classification",)))
+register(Method("lora", f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)", 2e-3, _lora, ("LoRALinear",)))
+# Waiting for their modules (other branches): each becomes available by giving `apply`.
+register(Method("houlsby", "Houlsby adapters after attention and FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
+register(Method("pfeiffer", "Pfeiffer adapters after the FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
+register(Method("prefix", "prefix tuning, prefix rows trained directly (peftkern.nn.PrefixAttention)", 5e-3, None, ("PrefixEncoder", "PrefixAttention")))
+register(Method("prefix-mlp", "prefix tuning with MLP reparameterisation (peftkern.nn.PrefixEncoder)", 1e-3, None, ("PrefixEncoder", "PrefixAttention")))
+register(Method("full", "full fine-tuning of every parameter", 1e-4, _full))
