@@ -8,8 +8,6 @@ nn.Linear measured in the same run.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 from peftkern.benchmarking import lora_linear
 from peftkern.benchmarking.harness import format_table, write_results
@@ -24,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     results = lora_linear.run(lora_linear.default_cases(), rounds=args.rounds, with_compile=not args.no_compile)
     print(format_table(results))
-    write_results(results, args.csv, args.json, command=shlex.join(["python", *sys.argv]))
+    write_results(results, args.csv, args.json)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def test_bench_quick_prints_the_table_and_writes_csv_json_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "x floor" in out and "saved MiB" in out and "machine:" in out
 
-    rows = json.loads(files["json"].read_text())
+    document = json.loads(files["json"].read_text())
+    assert document["command"] and len(document["date"]) == 10
+    rows = document["results"]
     providers = {r["provider"] for r in rows}
     assert {"frozen-linear", "peftkern", "eager"} <= providers
     assert {r["mode"] for r in rows} == set(MODES)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,14 +221,19 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def write_results(
-    results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None, command: str = ""
-) -> None:
+def invoking_command() -> str:
+    """The command line that is running, as a user would type it again."""
+    program = sys.argv[0]
+    head = ["python", program] if program.endswith(".py") else [Path(program).name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+def write_results(results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None) -> None:
     """CSV: one flat row per result. JSON: the rows plus the command and date that made them,
     which is what scripts/render_benchmark_tables.py turns into the README's tables."""
     rows = [asdict(r) for r in results]
     if json_path:
-        document = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": rows}
+        document = {"command": invoking_command(), "date": time.strftime("%Y-%m-%d"), "results": rows}
         Path(json_path).write_text(json.dumps(document, indent=2))
     if csv_path:
         with open(csv_path, "w", newline="") as f:
