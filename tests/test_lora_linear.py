@@ -30,8 +30,9 @@ def make_inputs(M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="
     }
 
 
-def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias", "lora_A", "lora_B")):
-    """Runs peftkern and the reference with the same dropout seed; returns outputs and grads."""
+def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias", "lora_A", "lora_B"), grad=None):
+    """Runs peftkern and the reference with the same dropout seed and the same upstream
+    gradient (`grad`, or a random one); returns outputs and grads."""
     leaves = {k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None) for k, v in inp.items()}
     ref_leaves = {k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None) for k, v in inp.items()}
     torch.manual_seed(1234)
@@ -39,7 +40,7 @@ def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias"
     torch.manual_seed(1234)
     seed = int(draw_seed(inp["x"].device)) if dropout > 0 else 0
     y_ref = reference.lora_linear(ref_leaves["x"], ref_leaves["weight"], ref_leaves["lora_A"], ref_leaves["lora_B"], ref_leaves["bias"], scaling, dropout, seed)
-    grad = torch.randn_like(y)
+    grad = torch.randn_like(y) if grad is None else grad.to(y.dtype)
     names = [k for k in requires_grad if leaves.get(k) is not None]
     grads = torch.autograd.grad(y, [leaves[k] for k in names], grad) if names else ()
     ref_grads = torch.autograd.grad(y_ref, [ref_leaves[k] for k in names], grad) if names else ()
@@ -79,8 +80,10 @@ def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype, adapter_
     adapter_dtype = torch.float32 if adapter_fp32 else dtype
     inp = make_inputs(67, 96, 72, 8, dtype=dtype, adapter_dtype=adapter_dtype, device=device)
     truth_inp = {k: (v.double() if v is not None else None) for k, v in inp.items()}
-    y, y_plain, grads, plain_grads = run_both(inp, dropout=dropout)
-    _, y_truth, _, truth_grads = run_both(truth_inp, dropout=dropout)
+    # One upstream gradient, in the low precision, for the kernel, plain PyTorch and the truth.
+    grad = torch.randn(67, 72, dtype=torch.float64, device=device).to(dtype)
+    y, y_plain, grads, plain_grads = run_both(inp, dropout=dropout, grad=grad)
+    _, y_truth, _, truth_grads = run_both(truth_inp, dropout=dropout, grad=grad.double())
     assert y.dtype == dtype
     assert_close_low_precision(y, y_plain, y_truth, "y")
     for name in truth_grads:
