@@ -53,9 +53,8 @@ at::Tensor rows_of(const at::Tensor& t, int64_t features) {
 
 at::Tensor unneeded_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// Per-row multiplier of the up projection's output channels as a [d, 1] column in at least
-// float32, or an undefined tensor when there is no learned vector (the float scaling is then
-// the GEMM's alpha and never rounds into the weights).
+// The learned per-channel scale as a [d, 1] column in at least float32, or an undefined
+// tensor when there is none.
 at::Tensor channel_scale(const c10::optional<at::Tensor>& scaling_vector) {
   if (!given(scaling_vector)) return at::Tensor();
   const auto compute = at::promote_types(scaling_vector->scalar_type(), at::kFloat);
@@ -87,14 +86,14 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
   const at::Tensor h2 = rows_of(h, d);
 
   const at::Tensor Z = given(b_down) ? at::addmm(*b_down, h2, w_down.t()) : at::mm(h2, w_down.t());
-  // a = [act(Z) | 1]: the ones column carries b_up through the up GEMM.
+  // a = scaling·[act(Z) | 1]: the last column carries b_up through the up GEMM.
   at::Tensor a = at::empty({h2.size(0), r + (given(b_up) ? 1 : 0)}, h.options());
-  kernels.activate(Z, kind, a);
+  kernels.activate(Z, kind, scaling, a);
 
-  // out = residual + scaling·(a·[W_up | b_up]ᵀ ⊙ s): one GEMM with beta = 1 on the residual.
+  // out = residual + a·([W_up | b_up] ⊙ s)ᵀ: one GEMM with beta = 1 on the residual.
   const at::Tensor w = up_weight(w_up, b_up, channel_scale(scaling_vector), given(b_up));
   const at::Tensor res2 = given(residual) ? rows_of(*residual, d) : h2;
-  const at::Tensor out = at::addmm(res2, a, w.t(), 1.0, scaling);
+  const at::Tensor out = at::addmm(res2, a, w.t());
   return {out.view(h.sizes()), Z};
 }
 
@@ -125,18 +124,18 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
   const at::Tensor Z2 = Z.contiguous();
   const at::Tensor scale = channel_scale(scaling_vector);
 
-  // a = [act(Z) | 1], regenerated from Z (the M×r bottleneck is all that was saved).
+  // a = scaling·[act(Z) | 1], regenerated from Z (the M×r bottleneck is all that was saved).
   at::Tensor a = need_G ? at::empty({Z2.size(0), r + (ones_column ? 1 : 0)}, h.options())
                         : at::Tensor();
   at::Tensor dZ;
   if (need_dZ) {
-    // dA = g·(scaling·s ⊙ W_up), then dZ = dA ⊙ act'(Z) in place, producing a on the way.
-    const at::Tensor w = up_weight(w_up, b_up, scale, false);
-    dZ = at::mm(g2, w);
-    if (scaling != 1.0) dZ.mul_(scaling);
-    kernels.activate_backward(Z2, dZ, kind, a);
+    // dA = (g ⊙ s)·W_up, then dZ = scaling·dA ⊙ act'(Z) in place, producing a on the way.
+    // g ⊙ s costs a pass over g, but folding s into W_up instead would round that weight once
+    // for all rows: an error that adds up coherently in dW_down and db_down in bf16/fp16.
+    dZ = at::mm(scale.defined() ? g2 * scale.squeeze(1).to(g2.scalar_type()) : g2, w_up);
+    kernels.activate_backward(Z2, dZ, kind, scaling, a);
   } else if (need_G) {
-    kernels.activate(Z2, kind, a);
+    kernels.activate(Z2, kind, scaling, a);
   }
 
   at::Tensor dh = unneeded_grad(h);
@@ -149,22 +148,21 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
 
   at::Tensor dWu = unneeded_grad(w_up), dbu = unneeded_grad(w_up), ds = unneeded_grad(w_up);
   if (need_G) {
-    // G = gᵀ·[a | 1] = [gᵀ·a | colsum(g)]: the up-side gradients in one GEMM over g.
+    // G = gᵀ·a = scaling·[gᵀ·act(Z) | colsum(g)]: the up-side gradients in one GEMM over g.
     const at::Tensor G = at::mm(g2.t(), a);
-    const at::Tensor Ga = G.narrow(1, 0, r);
-    const auto compute = at::promote_types(h.scalar_type(), at::kFloat);
     if (need_dWu || need_dbu) {
-      // dW_up and db_up are the columns of scaling·s ⊙ G, scaled in float32 (at least).
-      const at::Tensor Gs = (scale.defined() ? G.to(compute) * scale : G.to(compute)) * scaling;
-      if (need_dWu) dWu = Gs.narrow(1, 0, r).to(w_up.scalar_type()).contiguous();
-      if (need_dbu) dbu = Gs.select(1, r).to(w_up.scalar_type()).contiguous();
+      // dW_up and db_up are the columns of s ⊙ G (of G itself without a learned scale).
+      const at::Tensor Gs = scale.defined() ? (G.to(scale.scalar_type()) * scale).to(w_up.scalar_type()) : G;
+      if (need_dWu) dWu = Gs.narrow(1, 0, r).contiguous();
+      if (need_dbu) dbu = Gs.select(1, r).contiguous();
     }
     if (need_ds) {
-      // ds[n] = scaling·Σ_m g[m, n]·u[m, n] with u = a·W_upᵀ + b_up, without forming u:
-      // = scaling·(Σ_k W_up[n, k]·G[n, k] + b_up[n]·colsum(g)[n]).
-      at::Tensor sum = (w_up.to(compute) * Ga.to(compute)).sum(1);
+      // ds[n] = scaling·Σ_m g[m, n]·u[m, n] with u = act(Z)·W_upᵀ + b_up, without forming u:
+      // = Σ_k W_up[n, k]·G[n, k] + b_up[n]·G[n, r].
+      const auto compute = at::promote_types(h.scalar_type(), at::kFloat);
+      at::Tensor sum = (w_up.to(compute) * G.narrow(1, 0, r).to(compute)).sum(1);
       if (given(b_up)) sum += b_up->to(compute) * G.select(1, r).to(compute);
-      ds = (sum * scaling).to(h.scalar_type());
+      ds = sum.to(h.scalar_type());
     }
   }
   return {dh, dWd, dbd, dWu, dbu, ds};

@@ -4,8 +4,9 @@
 //
 // Both projections are GEMMs through ATen (cuBLAS / oneDNN / MKL), with everything else folded
 // into them: b_down is the beta term of the down GEMM; b_up rides along as an extra column
-// ([a | 1]·[W_up | b_up]ᵀ); the learned scaling is folded into the tiny [d, r+1] up weight;
-// the float scaling is the GEMM's alpha; and the residual is its beta = 1 term. Only the
+// ([a | 1]·[W_up | b_up]ᵀ); the float scaling is applied by the activation pass to the tiny
+// M×(r+1) bottleneck (so every M×d result is rounded once); the learned scaling is folded into
+// the tiny [d, r+1] up weight; and the residual is the GEMM's beta = 1 term. Only the
 // elementwise pass over the M×r bottleneck differs per device, supplied as `AdapterKernels`.
 #pragma once
 
@@ -20,13 +21,13 @@
 namespace peftkern {
 
 struct AdapterKernels {
-  // a[:, :r] = act(Z) and, when a has r + 1 columns, a[:, r] = 1. Z is [M, r] contiguous,
-  // a is [M, r or r + 1] contiguous, both of h's dtype.
-  void (*activate)(const at::Tensor& Z, Activation activation, at::Tensor& a);
-  // dZ = dA ⊙ act'(Z), written over dA; and, when `a` is defined, a as in `activate`
+  // a[:, :r] = scale·act(Z) and, when a has r + 1 columns, a[:, r] = scale. Z is [M, r]
+  // contiguous, a is [M, r or r + 1] contiguous, both of h's dtype.
+  void (*activate)(const at::Tensor& Z, Activation activation, double scale, at::Tensor& a);
+  // dZ = scale·dA ⊙ act'(Z), written over dA; and, when `a` is defined, a as in `activate`
   // (Z is read once for both).
   void (*activate_backward)(const at::Tensor& Z, at::Tensor& dA, Activation activation,
-                            at::Tensor& a);
+                            double scale, at::Tensor& a);
 };
 
 // Returns (out, Z) with Z = h·W_downᵀ + b_down, the [M, r] pre-activation autograd saves.

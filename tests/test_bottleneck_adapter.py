@@ -32,8 +32,10 @@ def make_inputs(M, d, r, *, dtype=torch.float64, device="cpu", bias=True, learne
     }
 
 
-def run_both(inp, activation="relu"):
-    """Runs peftkern and the reference on separate leaves; returns outputs and grads by name."""
+def run_both(inp, activation="relu", grad=None):
+    """Runs peftkern and the reference on separate leaves; returns outputs and grads by name.
+
+    The upstream gradient is `grad` (cast to the output's dtype and device), or random."""
     def leaves():
         return {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
 
@@ -46,7 +48,7 @@ def run_both(inp, activation="relu"):
         ref["h"], ref["w_down"], ref["b_down"], ref["w_up"], ref["b_up"], activation, ref["scaling"], ref["residual"]
     )
     names = [k for k in NAMES if isinstance(inp[k], torch.Tensor)]
-    grad = torch.randn_like(out)
+    grad = torch.randn_like(out) if grad is None else grad.to(out)
     grads = torch.autograd.grad(out, [ours[k] for k in names], grad)
     ref_grads = torch.autograd.grad(out_ref, [ref[k] for k in names], grad)
     return out, out_ref, dict(zip(names, grads)), dict(zip(names, ref_grads))
@@ -97,8 +99,9 @@ def test_float32_matches_reference(device, activation):
 def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype, activation, learned_scaling):
     inp = make_inputs(67, 96, 8, dtype=dtype, device=device, learned_scaling=learned_scaling, residual=True)
     truth_inp = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    out, out_plain, grads, plain_grads = run_both(inp, activation)
-    _, out_truth, _, truth_grads = run_both(truth_inp, activation)
+    grad = torch.randn(inp["h"].shape, dtype=dtype, device=device)  # the same for all three runs
+    out, out_plain, grads, plain_grads = run_both(inp, activation, grad)
+    _, out_truth, _, truth_grads = run_both(truth_inp, activation, grad)
     assert out.dtype == dtype
     assert_close_low_precision(out, out_plain, out_truth, "out")
     for name in truth_grads:
@@ -227,8 +230,9 @@ def test_mixed_devices_are_refused():
 @pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
 def test_cuda_matches_cpu(activation):
     inp = make_inputs(300, 72, 12, dtype=torch.float32, learned_scaling=True, residual=True)
-    cpu = run_both(inp, activation)
-    cuda = run_both({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}, activation)
+    grad = torch.randn(inp["h"].shape)
+    cpu = run_both(inp, activation, grad)
+    cuda = run_both({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}, activation, grad)
     torch.testing.assert_close(cuda[0].cpu(), cpu[0], rtol=1e-4, atol=1e-4)
     for name in cpu[2]:
         torch.testing.assert_close(cuda[2][name].cpu(), cpu[2][name], rtol=1e-4, atol=1e-4, msg=name)

@@ -31,30 +31,30 @@ namespace baseline {
 namespace {
 
 // Same ISA as the dropout row kernels: one detection for the whole extension.
-void run(Dtype dtype, Activation activation, const void* Z, void* dA, void* a, int64_t rows,
+void run(Dtype dtype, Activation activation, double scale, const void* Z, void* dA, void* a, int64_t rows,
          int64_t r, int64_t a_width) {
 #ifdef PEFTKERN_ACTIVATION_MULTIVERSION
   static const char* const isa = selected_isa();
   if (std::strcmp(isa, "avx512") == 0) {
-    return avx512::activation_rows_impl(dtype, activation, Z, dA, a, rows, r, a_width);
+    return avx512::activation_rows_impl(dtype, activation, scale, Z, dA, a, rows, r, a_width);
   }
   if (std::strcmp(isa, "avx2") == 0) {
-    return avx2::activation_rows_impl(dtype, activation, Z, dA, a, rows, r, a_width);
+    return avx2::activation_rows_impl(dtype, activation, scale, Z, dA, a, rows, r, a_width);
   }
 #endif
-  baseline::activation_rows_impl(dtype, activation, Z, dA, a, rows, r, a_width);
+  baseline::activation_rows_impl(dtype, activation, scale, Z, dA, a, rows, r, a_width);
 }
 
 }  // namespace
 
-void activation_rows(Dtype dtype, Activation activation, const void* Z, void* a, int64_t rows,
-                     int64_t r, int64_t a_width) {
-  run(dtype, activation, Z, nullptr, a, rows, r, a_width);
+void activation_rows(Dtype dtype, Activation activation, double scale, const void* Z, void* a,
+                     int64_t rows, int64_t r, int64_t a_width) {
+  run(dtype, activation, scale, Z, nullptr, a, rows, r, a_width);
 }
 
-void activation_backward_rows(Dtype dtype, Activation activation, const void* Z, void* dA,
-                              void* a, int64_t rows, int64_t r, int64_t a_width) {
-  run(dtype, activation, Z, dA, a, rows, r, a_width);
+void activation_backward_rows(Dtype dtype, Activation activation, double scale, const void* Z,
+                              void* dA, void* a, int64_t rows, int64_t r, int64_t a_width) {
+  run(dtype, activation, scale, Z, dA, a, rows, r, a_width);
 }
 
 }  // namespace peftkern::cpu

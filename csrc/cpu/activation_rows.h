@@ -10,14 +10,14 @@
 
 namespace peftkern::cpu {
 
-// For rows [0, rows): a[i, j] = act(Z[i, j]) for j < r, and a[i, r] = 1 when a_width == r + 1.
-// Z rows are r contiguous elements, a rows a_width.
-void activation_rows(Dtype dtype, Activation activation, const void* Z, void* a, int64_t rows,
-                     int64_t r, int64_t a_width);
+// For rows [0, rows): a[i, j] = scale·act(Z[i, j]) for j < r, and a[i, r] = scale when
+// a_width == r + 1. Z rows are r contiguous elements, a rows a_width.
+void activation_rows(Dtype dtype, Activation activation, double scale, const void* Z, void* a,
+                     int64_t rows, int64_t r, int64_t a_width);
 
-// For rows [0, rows): dA[i, j] *= act'(Z[i, j]) and, when a != nullptr, a as in
+// For rows [0, rows): dA[i, j] *= scale·act'(Z[i, j]) and, when a != nullptr, a as in
 // activation_rows.
-void activation_backward_rows(Dtype dtype, Activation activation, const void* Z, void* dA,
-                              void* a, int64_t rows, int64_t r, int64_t a_width);
+void activation_backward_rows(Dtype dtype, Activation activation, double scale, const void* Z,
+                              void* dA, void* a, int64_t rows, int64_t r, int64_t a_width);
 
 }  // namespace peftkern::cpu

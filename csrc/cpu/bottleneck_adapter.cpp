@@ -33,19 +33,19 @@ char* row_ptr(const at::Tensor& t, int64_t row) {
   return static_cast<char*>(t.data_ptr()) + row * t.size(1) * t.element_size();
 }
 
-void activate(const at::Tensor& Z, Activation activation, at::Tensor& a) {
+void activate(const at::Tensor& Z, Activation activation, double scale, at::Tensor& a) {
   const int64_t r = Z.size(1);
   parallel_rows(Z.size(0), r, [&](int64_t first, int64_t count) {
-    activation_rows(dtype_of(Z), activation, row_ptr(Z, first), row_ptr(a, first), count, r,
+    activation_rows(dtype_of(Z), activation, scale, row_ptr(Z, first), row_ptr(a, first), count, r,
                     a.size(1));
   });
 }
 
-void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activation,
+void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activation, double scale,
                        at::Tensor& a) {
   const int64_t r = Z.size(1), width = a.defined() ? a.size(1) : r;
   parallel_rows(Z.size(0), r, [&](int64_t first, int64_t count) {
-    activation_backward_rows(dtype_of(Z), activation, row_ptr(Z, first), row_ptr(dA, first),
+    activation_backward_rows(dtype_of(Z), activation, scale, row_ptr(Z, first), row_ptr(dA, first),
                              row_ptr(a, first), count, r, width);
   });
 }

@@ -19,26 +19,27 @@ using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int kThreads = 256;
 
-// a[i, j] = act(Z[i, j]) for j < r and 1 for j == r (the ones column, when width == r + 1).
+// a[i, j] = scale·act(Z[i, j]) for j < r and scale for j == r (when width == r + 1).
 template <typename T, Activation A>
 __global__ void __launch_bounds__(kThreads)
     activate_kernel(const T* __restrict__ Z, T* __restrict__ a, int64_t rows, int64_t r,
-                    int64_t width) {
+                    int64_t width, compute_t<T> scale) {
   using C = compute_t<T>;
   const int64_t n = rows * width;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < n;
        idx += stride) {
     const int64_t i = idx / width, j = idx - i * width;
-    a[idx] = j < r ? static_cast<T>(activation_value<A, C>(static_cast<C>(Z[i * r + j]))) : T(1);
+    a[idx] = static_cast<T>(j < r ? scale * activation_value<A, C>(static_cast<C>(Z[i * r + j])) : scale);
   }
 }
 
-// dA[i, j] *= act'(Z[i, j]) and, with kWithA, a as in activate_kernel (Z read once for both).
+// dA[i, j] *= scale·act'(Z[i, j]) and, with kWithA, a as in activate_kernel (Z read once
+// for both).
 template <typename T, Activation A, bool kWithA>
 __global__ void __launch_bounds__(kThreads)
     activate_backward_kernel(const T* __restrict__ Z, T* __restrict__ dA, T* __restrict__ a,
-                             int64_t rows, int64_t r, int64_t width) {
+                             int64_t rows, int64_t r, int64_t width, compute_t<T> scale) {
   using C = compute_t<T>;
   const int64_t n = rows * width;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -48,10 +49,10 @@ __global__ void __launch_bounds__(kThreads)
     if (j < r) {
       const int64_t zi = i * r + j;
       const C z = static_cast<C>(Z[zi]);
-      dA[zi] = static_cast<T>(static_cast<C>(dA[zi]) * activation_derivative<A, C>(z));
-      if constexpr (kWithA) a[idx] = static_cast<T>(activation_value<A, C>(z));
+      dA[zi] = static_cast<T>(scale * static_cast<C>(dA[zi]) * activation_derivative<A, C>(z));
+      if constexpr (kWithA) a[idx] = static_cast<T>(scale * activation_value<A, C>(z));
     } else if constexpr (kWithA) {
-      a[idx] = T(1);
+      a[idx] = static_cast<T>(scale);
     }
   }
 }
@@ -63,7 +64,7 @@ dim3 grid_for(int64_t n) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, blocks)));
 }
 
-void activate(const at::Tensor& Z, Activation activation, at::Tensor& a) {
+void activate(const at::Tensor& Z, Activation activation, double scale, at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(Z.device());
   const int64_t rows = Z.size(0), r = Z.size(1), width = a.size(1);
   if (rows == 0) return;
@@ -72,13 +73,14 @@ void activate(const at::Tensor& Z, Activation activation, at::Tensor& a) {
     with_activation(activation, [&](auto kind) {
       constexpr Activation A = decltype(kind)::value;
       activate_kernel<scalar_t, A><<<grid_for(rows * width), kThreads, 0, stream>>>(
-          Z.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width);
+          Z.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width,
+          static_cast<compute_t<scalar_t>>(scale));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activation,
+void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activation, double scale,
                        at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(Z.device());
   const int64_t rows = Z.size(0), r = Z.size(1), width = a.defined() ? a.size(1) : r;
@@ -90,10 +92,12 @@ void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activatio
       const dim3 grid = grid_for(rows * width);
       if (a.defined()) {
         activate_backward_kernel<scalar_t, A, true><<<grid, kThreads, 0, stream>>>(
-            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width);
+            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width,
+            static_cast<compute_t<scalar_t>>(scale));
       } else {
         activate_backward_kernel<scalar_t, A, false><<<grid, kThreads, 0, stream>>>(
-            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), nullptr, rows, r, width);
+            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), nullptr, rows, r, width,
+            static_cast<compute_t<scalar_t>>(scale));
       }
     });
   });
