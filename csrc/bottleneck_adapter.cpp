@@ -62,13 +62,10 @@ at::Tensor channel_scale(const c10::optional<at::Tensor>& scaling_vector) {
 }
 
 // [W_up | b_up] (the bias as an extra column when given), each row times the learned channel
-// scale: the [d, r(+1)] right-hand side of the up GEMM. Tiny, so building it costs nothing.
+// scale when given: the [d, r(+1)] right-hand side of the up GEMM. Tiny, so building it is free.
 at::Tensor up_weight(const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                     const at::Tensor& scale, bool with_bias_column) {
-  at::Tensor w = w_up;
-  if (with_bias_column) {
-    w = at::cat({w_up, given(b_up) ? b_up->unsqueeze(1) : at::zeros({w_up.size(0), 1}, w_up.options())}, 1);
-  }
+                     const at::Tensor& scale) {
+  const at::Tensor w = given(b_up) ? at::cat({w_up, b_up->unsqueeze(1)}, 1) : w_up;
   if (!scale.defined()) return w;
   return (w.to(scale.scalar_type()) * scale).to(w_up.scalar_type());
 }
@@ -91,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
   kernels.activate(Z, kind, scaling, a);
 
   // out = residual + a·([W_up | b_up] ⊙ s)ᵀ: one GEMM with beta = 1 on the residual.
-  const at::Tensor w = up_weight(w_up, b_up, channel_scale(scaling_vector), given(b_up));
+  const at::Tensor w = up_weight(w_up, b_up, channel_scale(scaling_vector));
   const at::Tensor res2 = given(residual) ? rows_of(*residual, d) : h2;
   const at::Tensor out = at::addmm(res2, a, w.t());
   return {out.view(h.sizes()), Z};
