@@ -15,4 +15,20 @@ TORCH_LIBRARY(peftkern, m) {
       "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
       "Tensor lora_B, Tensor S, float scaling, float dropout, Tensor? seed, "
       "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // out = residual + scaling·s ⊙ (act(h·W_downᵀ + b_down)·W_upᵀ + b_up), s = scaling_vector
+  // (a learned [d] vector) or 1, residual = h when None. activation: relu, gelu, gelu_tanh,
+  // silu (swish), identity. Returns (out, Z) with Z = h·W_downᵀ + b_down ([rows, r]), which
+  // autograd saves besides h.
+  m.def(
+      "bottleneck_adapter(Tensor h, Tensor w_down, Tensor? b_down, Tensor w_up, Tensor? b_up, "
+      "str activation, float scaling, Tensor? scaling_vector, Tensor? residual) "
+      "-> (Tensor, Tensor)");
+  // Returns (dh, dw_down, db_down, dw_up, db_up, dscaling_vector) for output_mask in that
+  // order; a gradient not asked for is an empty tensor. dh includes grad_out when
+  // residual_is_h; a separate residual's gradient is grad_out itself.
+  m.def(
+      "bottleneck_adapter_backward(Tensor grad_out, Tensor h, Tensor w_down, Tensor w_up, "
+      "Tensor? b_up, Tensor pre_activation, str activation, float scaling, "
+      "Tensor? scaling_vector, bool residual_is_h, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -9,8 +9,8 @@ from peftkern._loader import load_extension
 _C = load_extension()
 
 from peftkern import ops  # noqa: E402  (registers fake kernels and autograd on the ops)
-from peftkern.functional import lora_linear  # noqa: E402
-from peftkern.nn import LoRALinear  # noqa: E402
+from peftkern.functional import bottleneck_adapter, lora_linear  # noqa: E402
+from peftkern.nn import BottleneckAdapter, LoRALinear  # noqa: E402
 
 __version__: str = _C.build_info()["version"]
 
@@ -20,8 +20,6 @@ def build_info() -> dict[str, Any]:
     architectures, and the CPU vector ISA the kernels use on this machine."""
     return dict(_C.build_info())
 
-
-__all__ = ["LoRALinear", "build_info", "lora_linear", "__version__"]
 
 from peftkern.integrations import (  # noqa: E402
     AdapterFormatError,
@@ -35,7 +33,8 @@ from peftkern.integrations import (  # noqa: E402
     unpatch_peft,
 )
 
-__all__ += [
-    "AdapterFormatError", "LoRASummary", "PatchReport", "inject_lora", "load_adapter",
-    "merge_and_unload", "patch_peft", "save_adapter", "unpatch_peft",
+__all__ = [
+    "AdapterFormatError", "BottleneckAdapter", "LoRALinear", "LoRASummary", "PatchReport", "__version__",
+    "bottleneck_adapter", "build_info", "inject_lora", "load_adapter", "lora_linear", "merge_and_unload",
+    "patch_peft", "save_adapter", "unpatch_peft",
 ]

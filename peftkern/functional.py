@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftkern.ops import lora_linear_op
+from peftkern.ops import bottleneck_adapter_op, lora_linear_op
 
 _SEED_HIGH = 2**62
 
@@ -57,3 +57,30 @@ def lora_linear(
     seed = draw_seed(x.device) if p > 0.0 else None
     y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return y
+
+
+def bottleneck_adapter(
+    h: Tensor,
+    w_down: Tensor,
+    b_down: Tensor | None,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    *,
+    activation: str = "relu",
+    scaling: float | Tensor = 1.0,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Fused bottleneck adapter: ``residual + scaling·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up)``.
+
+    Shapes: ``h [..., d]``, ``w_down [r, d]``, ``w_up [d, r]``, ``b_down [r]``, ``b_up [d]``;
+    every tensor has h's dtype. ``activation`` is "relu", "gelu" (exact), "gelu_tanh", "silu"
+    (or "swish") or "identity". ``scaling`` is a float or a learned per-channel tensor ``[d]``.
+    ``residual`` (h's shape) defaults to ``h``. Autograd keeps only ``h`` and the ``[rows, r]``
+    pre-activation for backward.
+    """
+    if isinstance(scaling, Tensor):
+        factor, scaling_vector = 1.0, scaling
+    else:
+        factor, scaling_vector = float(scaling), None
+    out, _ = bottleneck_adapter_op(h, w_down, b_down, w_up, b_up, activation, factor, scaling_vector, residual)
+    return out

@@ -91,3 +91,82 @@ def _lora_linear_backward(ctx: Any, grad_y: Tensor, grad_S: Tensor | None) -> tu
 torch.library.register_autograd(
     "peftkern::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
 )
+
+
+bottleneck_adapter_op = torch.ops.peftkern.bottleneck_adapter.default
+bottleneck_adapter_backward_op = torch.ops.peftkern.bottleneck_adapter_backward.default
+
+
+@torch.library.register_fake("peftkern::bottleneck_adapter")
+def _bottleneck_adapter_fake(
+    h: Tensor,
+    w_down: Tensor,
+    b_down: Tensor | None,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    activation: str,
+    scaling: float,
+    scaling_vector: Tensor | None,
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    torch._check(h.shape[-1] == w_down.shape[1], lambda: "peftkern: h.shape[-1] must equal w_down.shape[1]")
+    torch._check(w_up.shape[0] == w_down.shape[1], lambda: "peftkern: w_up.shape[0] must equal w_down.shape[1]")
+    torch._check(w_up.shape[1] == w_down.shape[0], lambda: "peftkern: w_up.shape[1] must equal w_down.shape[0]")
+    rows = math.prod(h.shape[:-1])
+    return h.new_empty(h.shape), h.new_empty((rows, w_down.shape[0]))
+
+
+@torch.library.register_fake("peftkern::bottleneck_adapter_backward")
+def _bottleneck_adapter_backward_fake(
+    grad_out: Tensor,
+    h: Tensor,
+    w_down: Tensor,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    pre_activation: Tensor,
+    activation: str,
+    scaling: float,
+    scaling_vector: Tensor | None,
+    residual_is_h: bool,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_dh, need_dwd, need_dbd, need_dwu, need_dbu, need_ds = output_mask
+    r, d = w_down.shape
+    return (
+        _grad_or_empty(need_dh, h, h.shape, h.dtype),
+        _grad_or_empty(need_dwd, w_down, w_down.shape, w_down.dtype),
+        _grad_or_empty(need_dbd, w_down, (r,), w_down.dtype),
+        _grad_or_empty(need_dwu, w_up, w_up.shape, w_up.dtype),
+        _grad_or_empty(need_dbu, w_up, (d,), w_up.dtype),
+        _grad_or_empty(need_ds, w_up, (d,), w_up.dtype),
+    )
+
+
+def _bottleneck_adapter_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual = inputs
+    _, Z = output
+    # h and the [rows, r] pre-activation are the only activations kept; the rest are
+    # parameters. The residual is not needed: its gradient is grad_out itself.
+    ctx.save_for_backward(h, w_down, w_up, b_up, Z, scaling_vector)
+    ctx.activation = activation
+    ctx.scaling = scaling
+    ctx.residual_is_h = residual is None
+    ctx.mark_non_differentiable(Z)
+
+
+def _bottleneck_adapter_backward(ctx: Any, grad_out: Tensor, grad_Z: Tensor | None) -> tuple[Tensor | None, ...]:
+    h, w_down, w_up, b_up, Z, scaling_vector = ctx.saved_tensors
+    # Inputs are (h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual).
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[i]) for i in (0, 1, 2, 3, 4, 7)]
+    dh, dwd, dbd, dwu, dbu, ds = bottleneck_adapter_backward_op(
+        grad_out, h, w_down, w_up, b_up, Z, ctx.activation, ctx.scaling, scaling_vector, ctx.residual_is_h, mask
+    )
+    grads = [g if needed else None for g, needed in zip((dh, dwd, dbd, dwu, dbu, ds), mask)]
+    d_residual = grad_out if needs[8] else None
+    return (*grads[:5], None, None, grads[5], d_residual)
+
+
+torch.library.register_autograd(
+    "peftkern::bottleneck_adapter", _bottleneck_adapter_backward, setup_context=_bottleneck_adapter_setup_context
+)

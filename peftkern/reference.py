@@ -80,3 +80,40 @@ def lora_linear(
     lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scaling
     y = torch.nn.functional.linear(x2d, weight, bias) + lora.to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
+
+
+def adapter_activation(z: Tensor, activation: str) -> Tensor:
+    """The bottleneck adapter's activation by name (``swish`` is ``silu``)."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation in ("silu", "swish"):
+        return torch.nn.functional.silu(z)
+    if activation == "identity":
+        return z
+    raise ValueError(f"peftkern: unknown activation {activation!r}")
+
+
+def bottleneck_adapter(
+    h: Tensor,
+    w_down: Tensor,
+    b_down: Tensor | None,
+    w_up: Tensor,
+    b_up: Tensor | None,
+    activation: str = "relu",
+    scaling: float | Tensor = 1.0,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """out = residual + scaling·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up), residual = h by default.
+
+    ``scaling`` is a float or a per-channel tensor ``[d]``.
+    """
+    z = torch.nn.functional.linear(h, w_down, b_down)
+    up = torch.nn.functional.linear(adapter_activation(z, activation), w_up, b_up)
+    return (h if residual is None else residual) + up * scaling

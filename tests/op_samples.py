@@ -33,7 +33,34 @@ def _lora_linear_backward_samples(device: str) -> list[tuple]:
     return samples
 
 
+def _bottleneck_adapter_samples(device: str) -> list[tuple]:
+    def t(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    return [
+        (t(5, 16), t(4, 16), t(4), t(16, 4), t(16), "relu", 0.5, None, None),
+        (t(2, 3, 16), t(4, 16), None, t(16, 4), None, "gelu", 1.0, t(16), t(2, 3, 16)),
+        (t(0, 16), t(4, 16), t(4), t(16, 4), t(16), "silu", 1.0, None, None),
+        (t(3, 8, dtype=torch.bfloat16), t(2, 8, dtype=torch.bfloat16), t(2, dtype=torch.bfloat16),
+         t(8, 2, dtype=torch.bfloat16), t(8, dtype=torch.bfloat16), "gelu_tanh", 2.0, t(8, dtype=torch.bfloat16), None),
+    ]
+
+
+def _bottleneck_adapter_backward_samples(device: str) -> list[tuple]:
+    samples = []
+    for h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual in _bottleneck_adapter_samples(device):
+        out, Z = torch.ops.peftkern.bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual)
+        grad_out = torch.randn_like(out)
+        s = scaling_vector.detach() if scaling_vector is not None else None
+        b = b_up.detach() if b_up is not None else None
+        for mask in ([True] * 6, [True, False, False, True, True, False], [False, False, False, False, True, True]):
+            samples.append((grad_out, h.detach(), w_down.detach(), w_up.detach(), b, Z, activation, scaling, s, residual is None, mask))
+    return samples
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "lora_linear": _lora_linear_samples,
     "lora_linear_backward": _lora_linear_backward_samples,
+    "bottleneck_adapter": _bottleneck_adapter_samples,
+    "bottleneck_adapter_backward": _bottleneck_adapter_backward_samples,
 }

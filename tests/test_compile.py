@@ -35,3 +35,26 @@ def test_lora_linear_module_compiles_without_graph_breaks(device, dropout):
         torch.testing.assert_close(loss, eager_loss)
         for compiled_g, eager_g in zip(compiled_grads, [x.grad, layer.lora_A.grad, layer.lora_B.grad]):
             torch.testing.assert_close(compiled_g, eager_g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("learned_scaling", [False, True])
+def test_bottleneck_adapter_module_compiles_without_graph_breaks(device, learned_scaling):
+    torch._dynamo.reset()
+    adapter = peftkern.BottleneckAdapter(24, bottleneck=4, activation="gelu", learned_scaling=learned_scaling).to(device)
+    torch.nn.init.normal_(adapter.w_up)
+    h = torch.randn(3, 5, 24, device=device, requires_grad=True)
+    residual = torch.randn(3, 5, 24, device=device, requires_grad=True)
+
+    def step(module, inp, res):
+        return module(inp, res).square().mean() + module(inp).square().mean()
+
+    params = [h, residual, *adapter.parameters()]
+    loss = torch.compile(step, fullgraph=True)(adapter, h, residual)
+    compiled_grads = torch.autograd.grad(loss, params)
+    eager_loss = step(adapter, h, residual)
+    eager_grads = torch.autograd.grad(eager_loss, params)
+    torch.testing.assert_close(loss, eager_loss)
+    for compiled_g, eager_g in zip(compiled_grads, eager_grads):
+        assert compiled_g.abs().sum() > 0
+        torch.testing.assert_close(compiled_g, eager_g)

@@ -1,5 +1,21 @@
 """Drop-in modules built on the peftkern ops."""
 
+from peftkern.nn.adapter import (
+    HOULSBY,
+    PFEIFFER,
+    AdapterConfig,
+    BottleneckAdapter,
+    count_trainable,
+    format_trainable,
+)
 from peftkern.nn.lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = [
+    "HOULSBY",
+    "PFEIFFER",
+    "AdapterConfig",
+    "BottleneckAdapter",
+    "LoRALinear",
+    "count_trainable",
+    "format_trainable",
+]

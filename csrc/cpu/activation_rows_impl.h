@@ -1,0 +1,60 @@
+// The body of the activation row kernels. Without an include guard and without includes on
+// purpose: activation_rows.cpp includes it once per vector ISA, inside a namespace and a
+// `#pragma GCC target` region. The activation kind and the dtype are template parameters, so
+// each inner loop is a branch-free body over r contiguous elements that GCC vectorises
+// (relu, identity and the arithmetic of the others; erf/tanh/exp stay libm calls).
+
+template <typename T>
+using act_compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <Activation A, typename T, bool kWithA>
+void activation_rows_t(double scale, const T* Z, T* dA, T* a, int64_t rows, int64_t r,
+                       int64_t a_width) {
+  using C = act_compute_t<T>;
+  const C s = static_cast<C>(scale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* z = Z + i * r;
+    T* out = kWithA ? a + i * a_width : nullptr;
+    if (dA != nullptr) {
+      T* g = dA + i * r;
+      for (int64_t j = 0; j < r; ++j) {
+        const C zj = static_cast<C>(z[j]);
+        g[j] = static_cast<T>(s * static_cast<C>(g[j]) * activation_derivative<A, C>(zj));
+        if constexpr (kWithA) out[j] = static_cast<T>(s * activation_value<A, C>(zj));
+      }
+    } else if constexpr (kWithA) {
+      for (int64_t j = 0; j < r; ++j) out[j] = static_cast<T>(s * activation_value<A, C>(static_cast<C>(z[j])));
+    }
+    if constexpr (kWithA) {
+      if (a_width > r) out[r] = static_cast<T>(s);
+    }
+  }
+}
+
+template <bool kWithA>
+void activation_rows_dispatch(Dtype dtype, Activation activation, double scale, const void* Z, void* dA,
+                              void* a, int64_t rows, int64_t r, int64_t a_width) {
+  with_activation(activation, [&](auto kind) {
+    constexpr Activation A = decltype(kind)::value;
+    auto run = [&](auto* typed_Z) {
+      using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_Z)>>;
+      activation_rows_t<A, T, kWithA>(scale, typed_Z, static_cast<T*>(dA), static_cast<T*>(a), rows, r,
+                                      a_width);
+    };
+    switch (dtype) {
+      case Dtype::f32: return run(static_cast<const float*>(Z));
+      case Dtype::f64: return run(static_cast<const double*>(Z));
+      case Dtype::f16: return run(static_cast<const c10::Half*>(Z));
+      case Dtype::bf16: return run(static_cast<const c10::BFloat16*>(Z));
+    }
+  });
+}
+
+inline void activation_rows_impl(Dtype dtype, Activation activation, double scale, const void* Z, void* dA,
+                                 void* a, int64_t rows, int64_t r, int64_t a_width) {
+  if (a != nullptr) {
+    activation_rows_dispatch<true>(dtype, activation, scale, Z, dA, a, rows, r, a_width);
+  } else {
+    activation_rows_dispatch<false>(dtype, activation, scale, Z, dA, a, rows, r, a_width);
+  }
+}
