@@ -9,8 +9,8 @@ from peftkern._loader import load_extension
 _C = load_extension()
 
 from peftkern import ops  # noqa: E402  (registers fake kernels and autograd on the ops)
-from peftkern.functional import lora_linear  # noqa: E402
-from peftkern.nn import LoRALinear  # noqa: E402
+from peftkern.functional import lora_linear, prefix_attention  # noqa: E402
+from peftkern.nn import LoRALinear, PrefixAttention, PrefixEncoder  # noqa: E402
 
 __version__: str = _C.build_info()["version"]
 
@@ -21,4 +21,4 @@ def build_info() -> dict[str, Any]:
     return dict(_C.build_info())
 
 
-__all__ = ["LoRALinear", "build_info", "lora_linear", "__version__"]
+__all__ = ["LoRALinear", "PrefixAttention", "PrefixEncoder", "build_info", "lora_linear", "prefix_attention", "__version__"]

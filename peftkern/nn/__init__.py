@@ -1,5 +1,6 @@
 """Drop-in modules built on the peftkern ops."""
 
 from peftkern.nn.lora import LoRALinear
+from peftkern.nn.prefix import PrefixAttention, PrefixEncoder
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "PrefixAttention", "PrefixEncoder"]
