@@ -2,6 +2,8 @@
 
 #include "checks.h"
 
+#include <utility>
+
 namespace peftkern {
 namespace {
 
@@ -72,22 +74,6 @@ at::Tensor mask_or_undefined(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
 
-// Query positions per block so that its scores [B·Hkv, g·rows, n] stay within the budget.
-int64_t block_rows(const PrefixAttentionKernels& kernels, const Dims& s, int64_t elem) {
-  const int64_t per_row = std::max<int64_t>(1, s.B * s.Hq * s.n * elem);
-  return std::max<int64_t>(1, std::min(s.n, kernels.block_bytes / per_row));
-}
-
-AttentionBlock block_at(const Dims& s, int64_t q_begin, int64_t rows, bool causal,
-                        double scale) {
-  return {s.Hkv, s.g, s.n, q_begin, rows, causal ? q_begin + rows : s.n, causal, scale};
-}
-
-// The block's query rows as one matrix per batch-head: [B·Hkv, g·rows, d] (a copy when g > 1).
-at::Tensor block_of(const at::Tensor& rows4, const AttentionBlock& b) {
-  return rows4.narrow(2, b.q_begin, b.rows).reshape({rows4.size(0), -1, rows4.size(3)});
-}
-
 at::Tensor unneeded_grad(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
@@ -106,37 +92,20 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
   const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
   const auto type = compute_type(q);
-  const int64_t BH = s.B * s.Hkv;
-  const at::Tensor q4 = in_compute(q, type).view({BH, s.g, s.n, s.d});
-  const at::Tensor k3 = in_compute(k, type).view({BH, s.n, s.d});
-  const at::Tensor v3 = in_compute(v, type).view({BH, s.n, s.d});
-  const at::Tensor mask = mask_or_undefined(key_padding_mask);
-  at::Tensor out = at::empty({BH, s.g, s.n, s.d}, q4.options());
-  at::Tensor lse = at::empty({BH, s.g, s.n}, q4.options());
-
-  // Prefix part: every query over the m prefix rows, one GEMM over all rows. A shared prefix
-  // [Hkv, m, d] broadcasts over the batch inside matmul; nothing of size B·(n+m) is built.
-  at::Tensor o2, lse2;
+  const at::Tensor qc = in_compute(q, type);
+  auto [out, lse] = kernels.sequence_forward(qc, in_compute(k, type), in_compute(v, type),
+                                             mask_or_undefined(key_padding_mask), causal, scale);
   if (s.m > 0) {
-    const at::Tensor q_rows = q4.view({s.B, s.Hkv, s.g * s.n, s.d});
-    at::Tensor s2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2)).mul_(scale);
-    lse2 = at::logsumexp(s2, -1, /*keepdim=*/true);
-    s2.sub_(lse2).exp_();
-    o2 = at::matmul(s2, in_compute(prefix_v, type)).view({BH, s.g, s.n, s.d});
-    lse2 = lse2.view({BH, s.g, s.n});
+    // Prefix part: every query over the m prefix rows, one GEMM over all rows. A shared
+    // prefix [Hkv, m, d] broadcasts over the batch inside matmul; nothing of size B·(n+m)
+    // is built.
+    const at::Tensor q_rows = qc.view({s.B, s.Hkv, s.g * s.n, s.d});
+    at::Tensor p2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2)).mul_(scale);
+    const at::Tensor lse2 = at::logsumexp(p2, -1, /*keepdim=*/true);
+    p2.sub_(lse2).exp_();
+    kernels.merge(out, lse, at::matmul(p2, in_compute(prefix_v, type)), lse2);
   }
-
-  // Sequence part, block by block of query positions, merged into out as each block is done.
-  const int64_t step = block_rows(kernels, s, q4.element_size());
-  for (int64_t i0 = 0; i0 < s.n; i0 += step) {
-    const AttentionBlock b = block_at(s, i0, std::min(step, s.n - i0), causal, scale);
-    const at::Tensor qb = block_of(q4, b);
-    at::Tensor scores = at::bmm(qb, k3.narrow(1, 0, b.keys).transpose(1, 2));
-    kernels.softmax_rows(scores, lse, mask, b);
-    const at::Tensor o1 = at::bmm(scores, v3.narrow(1, 0, b.keys));
-    kernels.merge_rows(o1, o2, lse2, out, lse, b);
-  }
-  return {out.view(q.sizes()).to(q.scalar_type()), lse.view({s.B, s.Hq, s.n})};
+  return {out.to(q.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
@@ -155,58 +124,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
               "], got ", shape_str(lse));
   const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = output_mask;
   const auto type = compute_type(q);
-  const int64_t BH = s.B * s.Hkv;
-  const at::Tensor q4 = in_compute(q, type).view({BH, s.g, s.n, s.d});
-  const at::Tensor k3 = in_compute(k, type).view({BH, s.n, s.d});
-  const at::Tensor v3 = in_compute(v, type).view({BH, s.n, s.d});
-  const at::Tensor dO4 = in_compute(grad_out, type).view({BH, s.g, s.n, s.d});
-  const at::Tensor lse3 = in_compute(lse, type).view({BH, s.g, s.n});
-  const at::Tensor mask = mask_or_undefined(key_padding_mask);
-  // D = rowsum(dO ⊙ O) over the full (prefix + sequence) attention: with the merged lse it
-  // makes each part's softmax backward exact on its own.
-  const at::Tensor D = (dO4 * out.to(type).view({BH, s.g, s.n, s.d})).sum(-1);
+  const at::Tensor qc = in_compute(q, type);
+  const at::Tensor dO = in_compute(grad_out, type);
+  const at::Tensor out_c = in_compute(out, type);
+  const at::Tensor lse_c = in_compute(lse, type);
 
-  at::Tensor dq = need_dq ? at::empty({BH, s.g, s.n, s.d}, q4.options()) : at::Tensor();
-  at::Tensor dk = need_dk ? at::zeros({BH, s.n, s.d}, q4.options()) : at::Tensor();
-  at::Tensor dv = need_dv ? at::zeros({BH, s.n, s.d}, q4.options()) : at::Tensor();
-
+  at::Tensor dq, dk, dv;
   if (need_dq || need_dk || need_dv) {
-    const int64_t step = block_rows(kernels, s, q4.element_size());
-    for (int64_t i0 = 0; i0 < s.n; i0 += step) {
-      const AttentionBlock b = block_at(s, i0, std::min(step, s.n - i0), causal, scale);
-      const at::Tensor qb = block_of(q4, b);
-      const at::Tensor dOb = block_of(dO4, b);
-      const at::Tensor kk = k3.narrow(1, 0, b.keys), vk = v3.narrow(1, 0, b.keys);
-      at::Tensor probs = at::bmm(qb, kk.transpose(1, 2));
-      kernels.probs_rows(probs, lse3, mask, b);
-      if (need_dv) dv.narrow(1, 0, b.keys).baddbmm_(probs.transpose(1, 2), dOb);
-      if (!need_dq && !need_dk) continue;
-      // dS = P ⊙ (dP - D) with dP = dO·Vᵀ; the softmax scale is applied in the GEMMs below.
-      at::Tensor dS = at::bmm(dOb, vk.transpose(1, 2));
-      dS.sub_(block_of(D.unsqueeze(-1), b)).mul_(probs);
-      if (need_dq) {
-        dq.narrow(2, b.q_begin, b.rows)
-            .copy_(at::bmm(dS, kk).mul_(scale).view({BH, s.g, b.rows, s.d}));
-      }
-      if (need_dk) dk.narrow(1, 0, b.keys).baddbmm_(dS.transpose(1, 2), qb, 1.0, scale);
-    }
+    std::tie(dq, dk, dv) = kernels.sequence_backward(
+        dO, qc, in_compute(k, type), in_compute(v, type), mask_or_undefined(key_padding_mask),
+        out_c, lse_c, causal, scale, {need_dq, need_dk, need_dv});
   }
 
   at::Tensor dpk, dpv;
   if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
     // Prefix part: P₂ = exp(q·P_Kᵀ·scale - lse) and its softmax backward, over all rows at once.
-    const at::Tensor q_rows = q4.view({s.B, s.Hkv, s.g * s.n, s.d});
-    const at::Tensor dO_rows = dO4.view({s.B, s.Hkv, s.g * s.n, s.d});
+    const auto rows = [&](const at::Tensor& t) { return t.view({s.B, s.Hkv, s.g * s.n, -1}); };
+    const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
     const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
-    at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2))
-                        .mul_(scale)
-                        .sub_(lse3.view({s.B, s.Hkv, -1, 1}))
-                        .exp_();
+    at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2)).mul_(scale).sub_(rows(lse_c)).exp_();
     if (need_dpv) dpv = reduce_prefix_grad(at::matmul(p2.transpose(-1, -2), dO_rows), s, prefix_v);
     if (need_dq || need_dpk) {
+      // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.
       at::Tensor dS2 = at::matmul(dO_rows, pv.transpose(-1, -2));
-      dS2.sub_(D.view({s.B, s.Hkv, -1, 1})).mul_(p2);
-      if (need_dq) dq.view({s.B, s.Hkv, s.g * s.n, s.d}).add_(at::matmul(dS2, pk), scale);
+      dS2.sub_(rows((dO * out_c).sum(-1))).mul_(p2);
+      if (need_dq) {
+        dq = dq.contiguous();
+        rows(dq).add_(at::matmul(dS2, pk), scale);
+      }
       if (need_dpk) {
         dpk = reduce_prefix_grad(at::matmul(dS2.transpose(-1, -2), q_rows).mul_(scale), s,
                                  prefix_k);
@@ -218,9 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     if (need_dpv) dpv = at::zeros_like(prefix_v);
   }
 
-  return {need_dq ? dq.view(q.sizes()).to(q.scalar_type()) : unneeded_grad(q),
-          need_dk ? dk.view(k.sizes()).to(k.scalar_type()) : unneeded_grad(k),
-          need_dv ? dv.view(v.sizes()).to(v.scalar_type()) : unneeded_grad(v),
+  // Contiguous like the fake kernel promises, whatever layout the device's kernel returned.
+  return {need_dq ? dq.to(q.scalar_type()).contiguous() : unneeded_grad(q),
+          need_dk ? dk.to(k.scalar_type()).contiguous() : unneeded_grad(k),
+          need_dv ? dv.to(v.scalar_type()).contiguous() : unneeded_grad(v),
           need_dpk ? dpk : unneeded_grad(prefix_k),
           need_dpv ? dpv : unneeded_grad(prefix_v)};
 }

@@ -1,14 +1,17 @@
 // Prefix-extended attention without concatenation:
 //   out = softmax(q·[P_K; K]ᵀ·scale + mask)·[P_V; V]
 // computed exactly as two attentions merged by their log-sum-exp, so neither [P_K; K], a
-// batch-expanded prefix, nor an [n, n+m] mask is ever built.
+// batch-expanded prefix, nor an [n, n+m] mask is ever built:
+//   sequence part: attention over the n keys (causal / padding mask) → O₁, lse₁;
+//   prefix part:   attention of every query over the m prefix rows → O₂, lse₂ (one batched
+//                  GEMM over all rows; q [B, Hq, n, d] is viewed as [B, Hkv, g·n, d] so the g
+//                  query heads sharing a key/value head are rows of one matrix);
+//   merge:         lse = log(e^lse₁ + e^lse₂), O = e^(lse₁-lse)·O₁ + e^(lse₂-lse)·O₂.
+// Backward gets the merged out and lse; with them each part's softmax backward is exact on
+// its own (P = exp(s·scale - lse), D = rowsum(dO ⊙ O)), so the parts never meet again.
 //
-// Layout. q [B, Hq, n, d] with Hq = g·Hkv is viewed as [B·Hkv, g, n, d]: the g query heads that
-// share one key/value head become g·n rows of one matrix, so grouped-query attention needs no
-// repeated K/V. The sequence part runs over blocks of query positions (scores [B·Hkv, g·Bq,
-// keys] are the only transient of size n², and causal blocks stop at their last visible key);
-// the prefix part is one batched GEMM over all rows. The GEMMs go to the vendor BLAS through
-// ATen on every device; each device supplies the row-wise passes below.
+// The prefix part is plain ATen on every device. The sequence part and the merge pass come
+// from the device (`PrefixAttentionKernels`): a fused attention kernel that reports its lse.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,36 +21,23 @@
 
 namespace peftkern {
 
-// Where a block of query rows sits. Row r of a block score matrix [B·Hkv, g·rows, keys] is
-// query position q_begin + r % rows of group head r / rows.
-struct AttentionBlock {
-  int64_t heads_kv;  // Hkv: batch-head index bh belongs to example bh / heads_kv
-  int64_t group;     // g = Hq / Hkv
-  int64_t n;         // sequence length (keys, and query positions)
-  int64_t q_begin;   // first query position of the block
-  int64_t rows;      // query positions in the block (Bq)
-  int64_t keys;      // sequence keys the block can see: [0, keys)
-  bool causal;
-  double scale;
-};
-
 struct PrefixAttentionKernels {
-  // scores [B·Hkv, g·rows, keys] (raw q·kᵀ) becomes the softmax over the visible keys, in
-  // place; lse [B·Hkv, g, n] gets the log-sum-exp of the scaled visible scores for the block's
-  // rows (-inf and an all-zero row when no key is visible). mask: [B, n] bool or undefined.
-  void (*softmax_rows)(at::Tensor& scores, at::Tensor& lse, const at::Tensor& mask,
-                       const AttentionBlock& block);
-  // scores (raw q·kᵀ) becomes P = exp(scores·scale - lse) on visible keys and 0 elsewhere,
-  // in place (0 too on rows whose lse is -inf).
-  void (*probs_rows)(at::Tensor& scores, const at::Tensor& lse, const at::Tensor& mask,
-                     const AttentionBlock& block);
-  // Writes the block's rows of out [B·Hkv, g, n, d] and lse [B·Hkv, g, n]: the sequence part
-  // o1 [B·Hkv, g·rows, d] with its lse (already in lse) merged with the prefix part o2
-  // [B·Hkv, g, n, d] / lse2 [B·Hkv, g, n] by log-sum-exp. o2 undefined means m = 0.
-  void (*merge_rows)(const at::Tensor& o1, const at::Tensor& o2, const at::Tensor& lse2,
-                     at::Tensor& out, at::Tensor& lse, const AttentionBlock& block);
-  // Budget for one block's scores, in bytes: bounds the only n²-sized transient.
-  int64_t block_bytes;
+  // Attention of q [B, Hq, n, d] over k, v [B, Hkv, n, d] (compute dtype, contiguous) with the
+  // causal rule and mask ([B, n] bool, True = keep, or undefined). Returns out [B, Hq, n, d]
+  // and lse [B, Hq, n], both contiguous; a query that sees no key gets out = 0, lse = -inf.
+  std::tuple<at::Tensor, at::Tensor> (*sequence_forward)(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v,
+                                                         const at::Tensor& mask, bool causal,
+                                                         double scale);
+  // (dq, dk, dv) of the sequence part, given the merged out and lse of the whole attention.
+  // A gradient whose `needed` entry is false may come back undefined.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*sequence_backward)(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
+      double scale, std::array<bool, 3> needed);
+  // In place over rows: out ← merge(out, o2), lse ← log(e^lse + e^lse2). out, o2 are
+  // [rows, d]-contiguous, lse, lse2 [rows]; lse2 is finite, lse may be -inf.
+  void (*merge)(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2);
 };
 
 // Returns (out [B, Hq, n, d] in q's dtype, lse [B, Hq, n] in float32, float64 for float64 q).
