@@ -74,6 +74,16 @@ at::Tensor mask_or_undefined(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
 
+// The prefix scores [B, Hkv, g·n, m] seen as one block of the row passes: all n query
+// positions, m keys, no mask, not causal (every query sees every prefix row).
+AttentionBlock prefix_block(const Dims& s, double scale) {
+  return {s.Hkv, s.g, s.n, /*q_begin=*/0, /*rows=*/s.n, /*keys=*/s.m, /*causal=*/false, scale};
+}
+
+at::Tensor as_block(const at::Tensor& scores, const Dims& s) {
+  return scores.view({s.B * s.Hkv, s.g * s.n, s.m});
+}
+
 at::Tensor unneeded_grad(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
@@ -100,9 +110,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     // prefix [Hkv, m, d] broadcasts over the batch inside matmul; nothing of size B·(n+m)
     // is built.
     const at::Tensor q_rows = qc.view({s.B, s.Hkv, s.g * s.n, s.d});
-    at::Tensor p2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2)).mul_(scale);
-    const at::Tensor lse2 = at::logsumexp(p2, -1, /*keepdim=*/true);
-    p2.sub_(lse2).exp_();
+    const at::Tensor p2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2));
+    at::Tensor p2_block = as_block(p2, s);
+    at::Tensor lse2 = at::empty({s.B, s.Hkv, s.g * s.n, 1}, qc.options());
+    kernels.rows.softmax_rows(p2_block, lse2, at::Tensor(), prefix_block(s, scale));
     kernels.merge(out, lse, at::matmul(p2, in_compute(prefix_v, type)), lse2);
   }
   return {out.to(q.scalar_type()), lse};
@@ -142,7 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     const auto rows = [&](const at::Tensor& t) { return t.view({s.B, s.Hkv, s.g * s.n, -1}); };
     const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
     const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
-    at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2)).mul_(scale).sub_(rows(lse_c)).exp_();
+    const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
+    at::Tensor p2_block = as_block(p2, s);
+    kernels.rows.probs_rows(p2_block, lse_c, at::Tensor(), prefix_block(s, scale));
     if (need_dpv) dpv = reduce_prefix_grad(at::matmul(p2.transpose(-1, -2), dO_rows), s, prefix_v);
     if (need_dq || need_dpk) {
       // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.

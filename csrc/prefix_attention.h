@@ -10,11 +10,14 @@
 // Backward gets the merged out and lse; with them each part's softmax backward is exact on
 // its own (P = exp(s·scale - lse), D = rowsum(dO ⊙ O)), so the parts never meet again.
 //
-// The prefix part is plain ATen on every device. The sequence part and the merge pass come
-// from the device (`PrefixAttentionKernels`): a fused attention kernel that reports its lse.
+// The prefix part is GEMMs through ATen plus the device's row softmax pass (the prefix scores
+// are one unmasked block of m keys). The sequence part and the merge pass come from the
+// device too (`PrefixAttentionKernels`): an attention that reports its lse.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "blockwise_attention.h"
 
 #include <array>
 #include <tuple>
@@ -38,6 +41,8 @@ struct PrefixAttentionKernels {
   // In place over rows: out ← merge(out, o2), lse ← log(e^lse + e^lse2). out, o2 are
   // [rows, d]-contiguous, lse, lse2 [rows]; lse2 is finite, lse may be -inf.
   void (*merge)(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2);
+  // Row passes; the prefix part uses softmax_rows / probs_rows on its [B·Hkv, g·n, m] scores.
+  AttentionRowKernels rows;
 };
 
 // Returns (out [B, Hq, n, d] in q's dtype, lse [B, Hq, n] in float32, float64 for float64 q).

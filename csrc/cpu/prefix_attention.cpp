@@ -6,7 +6,8 @@
 // attention, with grouped-query attention and the padding mask handled inside the kernel.
 // float64 instead runs the blockwise path that the CUDA build uses (../blockwise_attention.h),
 // with the row passes below: float64 is the dtype of the exact reference tests and gradcheck,
-// so that orchestration is verified on every machine, GPU or not.
+// so that orchestration is verified on every machine, GPU or not. The same row passes do the
+// prefix part's softmax (m keys per row) in every dtype.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,8 +26,8 @@ namespace {
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// The row passes of the blockwise path. They run for float64 only (see the top of the file),
-// where exactness matters more than speed, so they are plain loops over std::exp.
+// The row passes: the float64 sequence path, where exactness matters more than speed, and the
+// prefix softmax, whose rows are only m long; plain loops over std::exp serve both.
 
 // Masks (padding, and keys past `visible`) and scales row[0, keys) in place; returns the max.
 template <typename T>
@@ -189,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
       grad_out, q, k, v, out, finite_lse, 0.0, causal, additive_mask(mask, q), scale);
 }
 
-constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge};
+constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge,
+                                             kCpuRows};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

@@ -198,7 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
                                       needed);
 }
 
-constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge};
+constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge,
+                                              kCudaRows};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
