@@ -74,7 +74,7 @@ void probs_row(T* row, int64_t visible, int64_t keys, const bool* keep, T scale,
   exp_shift_sum(row, keys, lse);
 }
 
-// Calls body(row_index, row_ptr, visible_keys, keep_ptr, lse_index) for every row of a block
+// Calls body(row_ptr, visible_keys, keys, keep_row, lse_index) for every row of a block
 // score matrix [B·Hkv, g·rows, keys], on all threads.
 template <typename T, typename F>
 void for_each_row(at::Tensor& scores, const at::Tensor& mask, const AttentionBlock& b, F&& body) {
