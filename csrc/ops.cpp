@@ -32,3 +32,20 @@ TORCH_LIBRARY(peftkern, m) {
       "Tensor? scaling_vector, bool residual_is_h, bool[6] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_FRAGMENT(peftkern, m) {
+  // softmax(q·[P_K; K]ᵀ·scale + mask)·[P_V; V] without building [P_K; K]. q [B, Hq, n, d];
+  // k, v [B, Hkv, n, d] (Hq a multiple of Hkv); prefix_k, prefix_v [Hkv, m, d] (shared) or
+  // [B, Hkv, m, d]; key_padding_mask [B, n] bool, True = keep (hides sequence keys only).
+  // Returns (out, lse) with lse [B, Hq, n] in float32 (float64 for float64 q), which autograd
+  // saves; a query that sees no key at all gets out = 0 and lse = -inf.
+  m.def(
+      "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  // Returns (dq, dk, dv, dprefix_k, dprefix_v) for output_mask in that order; a gradient not
+  // asked for is an empty tensor.
+  m.def(
+      "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor prefix_k, Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
+      "bool causal, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -9,8 +9,8 @@ from peftkern._loader import load_extension
 _C = load_extension()
 
 from peftkern import ops  # noqa: E402  (registers fake kernels and autograd on the ops)
-from peftkern.functional import bottleneck_adapter, lora_linear  # noqa: E402
-from peftkern.nn import BottleneckAdapter, LoRALinear  # noqa: E402
+from peftkern.functional import bottleneck_adapter, lora_linear, prefix_attention  # noqa: E402
+from peftkern.nn import BottleneckAdapter, LoRALinear, PrefixAttention, PrefixEncoder  # noqa: E402
 
 __version__: str = _C.build_info()["version"]
 
@@ -34,7 +34,7 @@ from peftkern.integrations import (  # noqa: E402
 )
 
 __all__ = [
-    "AdapterFormatError", "BottleneckAdapter", "LoRALinear", "LoRASummary", "PatchReport", "__version__",
+    "AdapterFormatError", "BottleneckAdapter", "LoRALinear", "LoRASummary", "PatchReport", "PrefixAttention", "PrefixEncoder", "__version__",
     "bottleneck_adapter", "build_info", "inject_lora", "load_adapter", "lora_linear", "merge_and_unload",
-    "patch_peft", "save_adapter", "unpatch_peft",
+    "patch_peft", "prefix_attention", "save_adapter", "unpatch_peft",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftkern.ops import bottleneck_adapter_op, lora_linear_op
+from peftkern.ops import bottleneck_adapter_op, lora_linear_op, prefix_attention_op
 
 _SEED_HIGH = 2**62
 
@@ -83,4 +83,33 @@ def bottleneck_adapter(
     else:
         factor, scaling_vector = float(scaling), None
     out, _ = bottleneck_adapter_op(h, w_down, b_down, w_up, b_up, activation, factor, scaling_vector, residual)
+    return out
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention over the prefix-extended keys/values, without concatenating them:
+    ``softmax(q·[P_K; K]ᵀ·scale + mask)·[P_V; V]``.
+
+    Shapes: ``q [B, Hq, n, d]``; ``k, v [B, Hkv, n, d]`` with ``Hq`` a multiple of ``Hkv``
+    (grouped-query attention: query head ``h`` uses key/value head ``h // (Hq // Hkv)``);
+    ``prefix_k, prefix_v [Hkv, m, d]`` shared by the batch or ``[B, Hkv, m, d]`` per example
+    (``m = 0`` is plain attention). Every query sees all ``m`` prefix rows; with ``causal``
+    query ``i`` sees sequence keys ``<= i``. ``key_padding_mask [B, n]`` is boolean with
+    **True = keep**: False hides that sequence key from every query (prefix rows are never
+    hidden). ``scale`` defaults to ``d ** -0.5``. A query that sees no key at all (``m = 0``
+    and its keys all padded) gets a zero output and zero gradients, never NaN.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), float(scale))
     return out

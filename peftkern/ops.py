@@ -170,3 +170,76 @@ def _bottleneck_adapter_backward(ctx: Any, grad_out: Tensor, grad_Z: Tensor | No
 torch.library.register_autograd(
     "peftkern::bottleneck_adapter", _bottleneck_adapter_backward, setup_context=_bottleneck_adapter_setup_context
 )
+
+
+# --- prefix attention ------------------------------------------------------------------------
+
+prefix_attention_op = torch.ops.peftkern.prefix_attention.default
+prefix_attention_backward_op = torch.ops.peftkern.prefix_attention_backward.default
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("peftkern::prefix_attention")
+def _prefix_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "peftkern: q and k must be 4-D [batch, heads, seq, head_dim]")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "peftkern: q.shape[1] must be a multiple of k.shape[1]")
+    torch._check(k.shape[3] == q.shape[3], lambda: "peftkern: k.shape[3] must equal q.shape[3] (head_dim)")
+    torch._check(prefix_k.shape[-1] == q.shape[3], lambda: "peftkern: prefix_k.shape[-1] must equal q.shape[3] (head_dim)")
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("peftkern::prefix_attention_backward")
+def _prefix_attention_backward_fake(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    key_padding_mask: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(
+        _grad_or_empty(needed, t, t.shape, t.dtype) for needed, t in zip(output_mask, (q, k, v, prefix_k, prefix_v))
+    )
+
+
+def _prefix_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale = inputs
+    out, lse = output
+    # The inputs, the output and the log-sum-exp are all that is kept: backward recomputes
+    # the probabilities block by block from lse, so no n²-sized tensor outlives forward.
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _prefix_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = prefix_attention_backward_op(
+        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, ctx.causal, ctx.scale, mask
+    )
+    return (*(g if needed else None for g, needed in zip(grads, mask)), None, None, None)
+
+
+torch.library.register_autograd(
+    "peftkern::prefix_attention", _prefix_attention_backward, setup_context=_prefix_attention_setup_context
+)

@@ -117,3 +117,33 @@ def bottleneck_adapter(
     z = torch.nn.functional.linear(h, w_down, b_down)
     up = torch.nn.functional.linear(adapter_activation(z, activation), w_up, b_up)
     return (h if residual is None else residual) + up * scaling
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    causal: bool = True,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """The obvious way: concatenate [P_K; K] and [P_V; V], build the explicit boolean mask
+    [B, 1, n, m + n] (True = attend) and call scaled_dot_product_attention. A query that sees
+    no key at all gets a zero output (the kernels' documented behaviour)."""
+    B, Hq, n, d = q.shape
+    Hkv = k.shape[1]
+    m = prefix_k.shape[-2]
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+    k_ext = torch.cat([prefix_k, k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    v_ext = torch.cat([prefix_v, v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    keep = torch.ones(B, 1, n, n, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :]
+    keep = torch.cat([torch.ones(B, 1, n, m, dtype=torch.bool, device=q.device), keep], dim=-1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k_ext, v_ext, attn_mask=keep, scale=scale)
+    return torch.where(keep.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -58,9 +58,35 @@ def _bottleneck_adapter_backward_samples(device: str) -> list[tuple]:
     return samples
 
 
+def _prefix_attention_samples(device: str) -> list[tuple]:
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(True)
+
+    mask = torch.tensor([[True, True, False, True, True], [False] * 5], device=device)
+    return [
+        (t(2, 4, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 3, 8), t(2, 3, 8), mask, True, 0.35),
+        (t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), None, False, 0.5),
+        (t(1, 2, 3, 8), t(1, 1, 3, 8), t(1, 1, 3, 8), t(1, 0, 8), t(1, 0, 8), None, True, 0.35),
+        (t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16),
+         t(2, 2, 16, dtype=torch.bfloat16), t(2, 2, 16, dtype=torch.bfloat16), None, True, 0.25),
+    ]
+
+
+def _prefix_attention_backward_samples(device: str) -> list[tuple]:
+    samples = []
+    for q, k, v, prefix_k, prefix_v, mask, causal, scale in _prefix_attention_samples(device):
+        out, lse = torch.ops.peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, mask, causal, scale)
+        inputs = [t.detach() for t in (q, k, v, prefix_k, prefix_v)]
+        for output_mask in ([True] * 5, [False, False, False, True, True]):
+            samples.append((torch.randn_like(out), *inputs, mask, out.detach(), lse, causal, scale, output_mask))
+    return samples
+
+
 SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "lora_linear": _lora_linear_samples,
     "lora_linear_backward": _lora_linear_backward_samples,
     "bottleneck_adapter": _bottleneck_adapter_samples,
     "bottleneck_adapter_backward": _bottleneck_adapter_backward_samples,
+    "prefix_attention": _prefix_attention_samples,
+    "prefix_attention_backward": _prefix_attention_backward_samples,
 }

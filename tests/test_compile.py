@@ -58,3 +58,27 @@ def test_bottleneck_adapter_module_compiles_without_graph_breaks(device, learned
     for compiled_g, eager_g in zip(compiled_grads, eager_grads):
         assert compiled_g.abs().sum() > 0
         torch.testing.assert_close(compiled_g, eager_g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rotary", [False, True])
+def test_prefix_attention_module_compiles_without_graph_breaks(device, rotary):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    attn = peftkern.PrefixAttention(32, 4, 2, rotary=rotary).to(device)
+    enc = peftkern.PrefixEncoder(1, 2, 8, num_virtual_tokens=3, projection_hidden=16).to(device)
+    hidden = torch.randn(2, 6, 32, device=device, requires_grad=True)
+    mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]], device=device)
+
+    def step(inp):
+        (pk, pv), = enc()
+        return attn(inp, pk, pv, key_padding_mask=mask).square().mean()
+
+    params = [hidden, *attn.parameters(), *enc.parameters()]
+    loss = torch.compile(step, fullgraph=True)(hidden)
+    compiled_grads = torch.autograd.grad(loss, params)
+    eager_loss = step(hidden)
+    eager_grads = torch.autograd.grad(eager_loss, params)
+    torch.testing.assert_close(loss, eager_loss)
+    for compiled_g, eager_g in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_g, eager_g)

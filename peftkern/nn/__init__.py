@@ -9,6 +9,7 @@ from peftkern.nn.adapter import (
     format_trainable,
 )
 from peftkern.nn.lora import LoRALinear
+from peftkern.nn.prefix import PrefixAttention, PrefixEncoder
 
 __all__ = [
     "HOULSBY",
@@ -16,6 +17,8 @@ __all__ = [
     "AdapterConfig",
     "BottleneckAdapter",
     "LoRALinear",
+    "PrefixAttention",
+    "PrefixEncoder",
     "count_trainable",
     "format_trainable",
 ]

@@ -1,0 +1,222 @@
+// CPU side of the prefix attention: the sequence part and the merge pass (the prefix part is
+// device-agnostic, ../prefix_attention.cpp).
+//
+// Sequence part: ATen's fused CPU flash-attention kernel, which reports its log-sum-exp and
+// whose backward accepts any (out, lse) — exactly what the merge needs, at the speed of plain
+// attention, with grouped-query attention and the padding mask handled inside the kernel.
+// float64 instead runs the blockwise path that the CUDA build uses (../blockwise_attention.h),
+// with the row passes below: float64 is the dtype of the exact reference tests and gradcheck,
+// so that orchestration is verified on every machine, GPU or not. The same row passes do the
+// prefix part's softmax (m keys per row) in every dtype.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "../blockwise_attention.h"
+#include "../prefix_attention.h"
+
+namespace peftkern::cpu {
+namespace {
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// The row passes: the float64 sequence path, where exactness matters more than speed, and the
+// prefix softmax, whose rows are only m long; plain loops over std::exp serve both.
+
+// Masks (padding, and keys past `visible`) and scales row[0, keys) in place; returns the max.
+template <typename T>
+T mask_scale_max(T* row, int64_t visible, int64_t keys, const bool* keep, T scale) {
+  T mx = kNegInf<T>;
+  for (int64_t j = 0; j < keys; ++j) {
+    const T x = j < visible && (keep == nullptr || keep[j]) ? row[j] * scale : kNegInf<T>;
+    row[j] = x;
+    mx = std::max(mx, x);
+  }
+  return mx;
+}
+
+// row[j] = exp(row[j] - shift) in place; returns the sum.
+template <typename T>
+T exp_shift_sum(T* row, int64_t keys, T shift) {
+  T sum = 0;
+  for (int64_t j = 0; j < keys; ++j) {
+    row[j] = std::exp(row[j] - shift);
+    sum += row[j];
+  }
+  return sum;
+}
+
+template <typename T>
+T softmax_row(T* row, int64_t visible, int64_t keys, const bool* keep, T scale) {
+  const T mx = mask_scale_max(row, visible, keys, keep, scale);
+  if (mx == kNegInf<T>) {  // no visible key: an all-zero row, lse = -inf
+    std::fill(row, row + keys, T(0));
+    return kNegInf<T>;
+  }
+  const T sum = exp_shift_sum(row, keys, mx);
+  for (int64_t j = 0; j < keys; ++j) row[j] /= sum;
+  return mx + std::log(sum);
+}
+
+template <typename T>
+void probs_row(T* row, int64_t visible, int64_t keys, const bool* keep, T scale, T lse) {
+  if (lse == kNegInf<T>) {
+    std::fill(row, row + keys, T(0));
+    return;
+  }
+  mask_scale_max(row, visible, keys, keep, scale);
+  exp_shift_sum(row, keys, lse);
+}
+
+// Calls body(row_ptr, visible_keys, keys, keep_row, lse_index) for every row of a block
+// score matrix [B·Hkv, g·rows, keys], on all threads.
+template <typename T, typename F>
+void for_each_row(at::Tensor& scores, const at::Tensor& mask, const AttentionBlock& b, F&& body) {
+  const int64_t R = scores.size(1), keys = scores.size(2);
+  T* data = scores.data_ptr<T>();
+  const bool* keep = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys));
+  at::parallel_for(0, scores.size(0) * R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t bh = idx / R, r = idx % R;
+      const int64_t i = b.q_begin + r % b.rows;
+      const int64_t visible = b.causal ? std::min(keys, i + 1) : keys;
+      const bool* keep_row = keep ? keep + (bh / b.heads_kv) * b.n : nullptr;
+      const int64_t lse_index = (bh * b.group + r / b.rows) * b.n + i;
+      body(data + idx * keys, visible, keys, keep_row, lse_index);
+    }
+  });
+}
+
+void softmax_rows(at::Tensor& scores, at::Tensor& lse, const at::Tensor& mask,
+                  const AttentionBlock& b) {
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_softmax", [&] {
+    scalar_t* lse_data = lse.data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(b.scale);
+    for_each_row<scalar_t>(scores, mask, b, [&](scalar_t* row, int64_t visible, int64_t keys,
+                                                const bool* keep, int64_t lse_index) {
+      lse_data[lse_index] = softmax_row(row, visible, keys, keep, scale);
+    });
+  });
+}
+
+void probs_rows(at::Tensor& scores, const at::Tensor& lse, const at::Tensor& mask,
+                const AttentionBlock& b) {
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_probs", [&] {
+    const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
+    const auto scale = static_cast<scalar_t>(b.scale);
+    for_each_row<scalar_t>(scores, mask, b, [&](scalar_t* row, int64_t visible, int64_t keys,
+                                                const bool* keep, int64_t lse_index) {
+      probs_row(row, visible, keys, keep, scale, lse_data[lse_index]);
+    });
+  });
+}
+
+void merge(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2) {
+  const int64_t d = out.size(-1), rows = lse.numel();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peftkern_prefix_merge", [&] {
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    scalar_t* lse_data = lse.data_ptr<scalar_t>();
+    const scalar_t* o2_data = o2.const_data_ptr<scalar_t>();
+    const scalar_t* lse2_data = lse2.const_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t l1 = lse_data[row], l2 = lse2_data[row];
+        const scalar_t hi = std::max(l1, l2);  // finite: lse2 is (m > 0)
+        const scalar_t w1 = std::exp(l1 - hi), w2 = std::exp(l2 - hi);
+        const scalar_t total = w1 + w2;
+        const scalar_t a1 = w1 / total, a2 = w2 / total;
+        scalar_t* dst = out_data + row * d;
+        const scalar_t* src2 = o2_data + row * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = a1 * dst[c] + a2 * src2[c];
+        lse_data[row] = hi + std::log(total);
+      }
+    });
+  });
+}
+
+constexpr AttentionRowKernels kCpuRows{&softmax_rows, &probs_rows, 4 << 20};
+
+// The padding mask as the additive bias the fused kernel takes: [B, 1, 1, n], 0 or -inf.
+std::optional<at::Tensor> additive_mask(const at::Tensor& mask, const at::Tensor& like) {
+  if (!mask.defined()) return std::nullopt;
+  const int64_t B = mask.size(0), n = mask.size(1);
+  return at::zeros({B, 1, 1, n}, like.options())
+      .masked_fill_(mask.logical_not().view({B, 1, 1, n}), -std::numeric_limits<double>::infinity());
+}
+
+// [B, 1, n]: true where query i sees no sequence key (every key it may see is padded).
+at::Tensor sees_no_key(const at::Tensor& mask, bool causal) {
+  const at::Tensor none = causal ? mask.cumsum(-1).eq(0)
+                                 : mask.logical_not().all(-1, /*keepdim=*/true).expand_as(mask);
+  return none.unsqueeze(1);
+}
+
+std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, const at::Tensor& mask,
+                                                    bool causal, double scale) {
+  if (q.scalar_type() == at::kDouble) {
+    return blockwise_attention_forward(kCpuRows, q, k, v, mask, causal, scale);
+  }
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+      q, k, v, 0.0, causal, additive_mask(mask, q), scale);
+  out = out.contiguous();
+  lse = lse.contiguous();
+  // The fused kernel reports lse = 0 (and out = 0) for a query that sees no key; the merge
+  // needs -inf there so that such a query takes the prefix part alone.
+  if (mask.defined()) lse.masked_fill_(sees_no_key(mask, causal), -std::numeric_limits<double>::infinity());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
+    double scale, std::array<bool, 3> needed) {
+  if (q.scalar_type() == at::kDouble) {
+    return blockwise_attention_backward(kCpuRows, grad_out, q, k, v, mask, out, lse, causal, scale,
+                                        needed);
+  }
+  // lse is -inf only on queries that see no key at all (m = 0); every score of such a row is
+  // masked, so any finite lse there gives the right probabilities (0) instead of exp(NaN).
+  const at::Tensor finite_lse = mask.defined() ? lse.masked_fill(lse.isneginf(), 0.0) : lse;
+  return at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      grad_out, q, k, v, out, finite_lse, 0.0, causal, additive_mask(mask, q), scale);
+}
+
+constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge,
+                                             kCpuRows};
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const c10::optional<at::Tensor>& key_padding_mask, bool causal,
+    double scale) {
+  return prefix_attention_forward(kCpuKernels, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                  causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+prefix_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                              const c10::optional<at::Tensor>& key_padding_mask,
+                              const at::Tensor& out, const at::Tensor& lse, bool causal,
+                              double scale, std::array<bool, 5> output_mask) {
+  return prefix_attention_backward(kCpuKernels, grad_out, q, k, v, prefix_k, prefix_v,
+                                   key_padding_mask, out, lse, causal, scale, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
+  m.impl("prefix_attention", &prefix_attention_cpu);
+  m.impl("prefix_attention_backward", &prefix_attention_backward_cpu);
+}
+
+}  // namespace peftkern::cpu

@@ -1,0 +1,187 @@
+#include "prefix_attention.h"
+
+#include "checks.h"
+
+#include <utility>
+
+namespace peftkern {
+namespace {
+
+struct Dims {
+  int64_t B, Hq, Hkv, g, n, d, m;
+  bool shared_prefix;
+};
+
+Dims check_prefix_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                       const c10::optional<at::Tensor>& key_padding_mask) {
+  check_floating(q, "q");
+  check_dim(q, 4, "q", "[batch, heads, seq, head_dim]");
+  check_dim(k, 4, "k", "[batch, kv_heads, seq, head_dim]");
+  check_dim(v, 4, "v", "[batch, kv_heads, seq, head_dim]");
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1);
+  check_size(k, 0, B, "k", "q.shape[0] (batch)");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "peftkern: q.shape[1] (query heads, ", Hq,
+              ") must be a positive multiple of k.shape[1] (key/value heads, ", Hkv,
+              "), got q ", shape_str(q), " and k ", shape_str(k));
+  check_size(k, 2, n, "k", "q.shape[2] (sequence length)");
+  check_size(k, 3, d, "k", "q.shape[3] (head_dim)");
+  TORCH_CHECK(v.sizes() == k.sizes(), "peftkern: v must have the shape of k ", shape_str(k),
+              ", got ", shape_str(v));
+
+  const bool shared = prefix_k.dim() == 3;
+  TORCH_CHECK(prefix_k.dim() == 3 || prefix_k.dim() == 4,
+              "peftkern: prefix_k must be [kv_heads, m, head_dim] (shared) or "
+              "[batch, kv_heads, m, head_dim] (per example), got shape ", shape_str(prefix_k));
+  const int64_t off = shared ? 0 : 1;
+  if (!shared) check_size(prefix_k, 0, B, "prefix_k", "q.shape[0] (batch)");
+  check_size(prefix_k, off, Hkv, "prefix_k", "k.shape[1] (key/value heads)");
+  check_size(prefix_k, off + 2, d, "prefix_k", "q.shape[3] (head_dim)");
+  TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), "peftkern: prefix_v must have the shape of "
+              "prefix_k ", shape_str(prefix_k), ", got ", shape_str(prefix_v));
+
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&k, "k"}, {&v, "v"}, {&prefix_k, "prefix_k"}, {&prefix_v, "prefix_v"}};
+  for (const auto& [t, name] : others) {
+    check_same_device(*t, q, name, "q");
+    check_same_dtype(*t, q, name, "q");
+  }
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool,
+                "peftkern: key_padding_mask must be bool (True = keep the key), got ",
+                mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == n,
+                "peftkern: key_padding_mask must have shape [batch, seq] = [", B, ", ", n,
+                "], got ", shape_str(mask));
+    check_same_device(mask, q, "key_padding_mask", "q");
+  }
+  return {B, Hq, Hkv, Hq / Hkv, n, d, prefix_k.size(off + 1), shared};
+}
+
+// float32 for every dtype but float64: half-precision inputs are computed in float32 like
+// FlashAttention does (scores, softmax and accumulation), and rounded once at the end.
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor in_compute(const at::Tensor& t, at::ScalarType type) {
+  return t.to(type).contiguous();
+}
+
+at::Tensor mask_or_undefined(const c10::optional<at::Tensor>& mask) {
+  return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
+}
+
+// The prefix scores [B, Hkv, g·n, m] seen as one block of the row passes: all n query
+// positions, m keys, no mask, not causal (every query sees every prefix row).
+AttentionBlock prefix_block(const Dims& s, double scale) {
+  return {s.Hkv, s.g, s.n, /*q_begin=*/0, /*rows=*/s.n, /*keys=*/s.m, /*causal=*/false, scale};
+}
+
+at::Tensor as_block(const at::Tensor& scores, const Dims& s) {
+  return scores.view({s.B * s.Hkv, s.g * s.n, s.m});
+}
+
+at::Tensor unneeded_grad(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+// Sums per-example prefix gradients [B, Hkv, m, d] over the batch for a shared prefix. The
+// reduction runs over b = 0..B-1 in a fixed order, so the result is bitwise reproducible.
+at::Tensor reduce_prefix_grad(at::Tensor grad, const Dims& s, const at::Tensor& like) {
+  return (s.shared_prefix ? grad.sum(0) : grad).to(like.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
+    const PrefixAttentionKernels& kernels, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+    const c10::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
+  const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
+  const auto type = compute_type(q);
+  const at::Tensor qc = in_compute(q, type);
+  auto [out, lse] = kernels.sequence_forward(qc, in_compute(k, type), in_compute(v, type),
+                                             mask_or_undefined(key_padding_mask), causal, scale);
+  if (s.m > 0) {
+    // Prefix part: every query over the m prefix rows, one GEMM over all rows. A shared
+    // prefix [Hkv, m, d] broadcasts over the batch inside matmul; nothing of size B·(n+m)
+    // is built.
+    const at::Tensor q_rows = qc.view({s.B, s.Hkv, s.g * s.n, s.d});
+    const at::Tensor p2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2));
+    at::Tensor p2_block = as_block(p2, s);
+    at::Tensor lse2 = at::empty({s.B, s.Hkv, s.g * s.n, 1}, qc.options());
+    kernels.rows.softmax_rows(p2_block, lse2, at::Tensor(), prefix_block(s, scale));
+    kernels.merge(out, lse, at::matmul(p2, in_compute(prefix_v, type)), lse2);
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
+    const PrefixAttentionKernels& kernels, const at::Tensor& grad_out, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const c10::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    std::array<bool, 5> output_mask) {
+  const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "peftkern: grad_out must have the shape of q ",
+              shape_str(q), ", got ", shape_str(grad_out));
+  TORCH_CHECK(out.sizes() == q.sizes(), "peftkern: out must have the shape of q ", shape_str(q),
+              ", got ", shape_str(out));
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.Hq && lse.size(2) == s.n,
+              "peftkern: lse must have shape [batch, heads, seq] = [", s.B, ", ", s.Hq, ", ", s.n,
+              "], got ", shape_str(lse));
+  const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = output_mask;
+  const auto type = compute_type(q);
+  const at::Tensor qc = in_compute(q, type);
+  const at::Tensor dO = in_compute(grad_out, type);
+  const at::Tensor out_c = in_compute(out, type);
+  const at::Tensor lse_c = in_compute(lse, type);
+
+  at::Tensor dq, dk, dv;
+  if (need_dq || need_dk || need_dv) {
+    std::tie(dq, dk, dv) = kernels.sequence_backward(
+        dO, qc, in_compute(k, type), in_compute(v, type), mask_or_undefined(key_padding_mask),
+        out_c, lse_c, causal, scale, {need_dq, need_dk, need_dv});
+  }
+
+  at::Tensor dpk, dpv;
+  if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
+    // Prefix part: P₂ = exp(q·P_Kᵀ·scale - lse) and its softmax backward, over all rows at once.
+    const auto rows = [&](const at::Tensor& t) { return t.view({s.B, s.Hkv, s.g * s.n, -1}); };
+    const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
+    const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+    const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
+    at::Tensor p2_block = as_block(p2, s);
+    kernels.rows.probs_rows(p2_block, lse_c, at::Tensor(), prefix_block(s, scale));
+    if (need_dpv) dpv = reduce_prefix_grad(at::matmul(p2.transpose(-1, -2), dO_rows), s, prefix_v);
+    if (need_dq || need_dpk) {
+      // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.
+      at::Tensor dS2 = at::matmul(dO_rows, pv.transpose(-1, -2));
+      dS2.sub_(rows((dO * out_c).sum(-1))).mul_(p2);
+      if (need_dq) {
+        dq = dq.contiguous();
+        rows(dq).add_(at::matmul(dS2, pk), scale);
+      }
+      if (need_dpk) {
+        dpk = reduce_prefix_grad(at::matmul(dS2.transpose(-1, -2), q_rows).mul_(scale), s,
+                                 prefix_k);
+      }
+    }
+  } else if (s.m == 0) {
+    // m = 0: the prefix gradients are zero-size tensors of the prefix's shape.
+    if (need_dpk) dpk = at::zeros_like(prefix_k);
+    if (need_dpv) dpv = at::zeros_like(prefix_v);
+  }
+
+  // Contiguous like the fake kernel promises, whatever layout the device's kernel returned.
+  return {need_dq ? dq.to(q.scalar_type()).contiguous() : unneeded_grad(q),
+          need_dk ? dk.to(k.scalar_type()).contiguous() : unneeded_grad(k),
+          need_dv ? dv.to(v.scalar_type()).contiguous() : unneeded_grad(v),
+          need_dpk ? dpk : unneeded_grad(prefix_k),
+          need_dpv ? dpv : unneeded_grad(prefix_v)};
+}
+
+}  // namespace peftkern

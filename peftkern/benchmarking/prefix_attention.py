@@ -1,0 +1,75 @@
+"""Prefix attention benchmark: peftkern vs concatenation + SDPA with an explicit mask, against
+attention over the sequence alone (the floor: what the layer costs without any prefix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+import peftkern
+from peftkern.benchmarking.harness import Provider, Result, measure_case
+
+
+@dataclass(frozen=True)
+class PrefixCase:
+    batch: int
+    heads: int
+    seq: int
+    prefix: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+    causal: bool = True
+
+    @property
+    def name(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"prefix B{self.batch} H{self.heads} n{self.seq} m{self.prefix} d{self.head_dim} {dt}"
+
+
+CPU_CASES = [PrefixCase(4, 8, 512, 16, 64, torch.float32, "cpu")]
+GPU_CASES = [PrefixCase(8, 32, 2048, 20, 128, torch.bfloat16, "cuda")]
+
+
+def providers_for(case: PrefixCase) -> list[Provider]:
+    torch.manual_seed(0)
+    B, H, n, m, d = case.batch, case.heads, case.seq, case.prefix, case.head_dim
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=case.device, dtype=case.dtype).requires_grad_(True)
+
+    q, k, v = leaf(B, H, n, d), leaf(B, H, n, d), leaf(B, H, n, d)
+    prefix_k, prefix_v = leaf(H, m, d), leaf(H, m, d)
+    # The concatenation baseline's mask [n, m + n]: every query sees the prefix, and the
+    # sequence causally. Built once, outside the timed region (in its favour).
+    keep = torch.ones(n, m + n, dtype=torch.bool, device=case.device)
+    if case.causal:
+        keep[:, m:] = torch.ones(n, n, dtype=torch.bool, device=case.device).tril()
+
+    def concat_sdpa() -> torch.Tensor:
+        k_ext = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+        v_ext = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+        return sdpa(q, k_ext, v_ext, attn_mask=keep)
+
+    everything = [q, k, v, prefix_k, prefix_v]
+    return [
+        Provider("no-prefix", lambda: sdpa(q, k, v, is_causal=case.causal), [q, k, v]),
+        Provider("concat+sdpa", concat_sdpa, everything),
+        Provider("peftkern", lambda: peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal), everything),
+    ]
+
+
+def run(cases: list[PrefixCase], *, rounds: int = 15) -> list[Result]:
+    results: list[Result] = []
+    for case in cases:
+        results += measure_case(
+            case.name, providers_for(case), "no-prefix", torch.device(case.device),
+            rounds=rounds, extra={"op": "prefix_attention", "dtype": str(case.dtype), "causal": case.causal},
+        )
+    return results
+
+
+def default_cases() -> list[PrefixCase]:
+    return GPU_CASES if torch.cuda.is_available() else CPU_CASES
