@@ -1,11 +1,10 @@
 #include "bottleneck_adapter.h"
 
 #include "checks.h"
+#include "tensor_utils.h"
 
 namespace peftkern {
 namespace {
-
-bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Checks an optional tensor that must be 1-D of `size` elements, on h's device and dtype.
 void check_vector(const c10::optional<at::Tensor>& t, int64_t size, const char* name,
@@ -46,12 +45,6 @@ void check_adapter_args(const at::Tensor& h, const at::Tensor& w_down,
     check_same_dtype(*residual, h, "residual", "h");
   }
 }
-
-at::Tensor rows_of(const at::Tensor& t, int64_t features) {
-  return t.reshape({-1, features}).contiguous();
-}
-
-at::Tensor unneeded_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // The learned per-channel scale as a [d, 1] column in at least float32, or an undefined
 // tensor when there is none.

@@ -2,7 +2,7 @@
 
 #include <torch/version.h>
 
-#include "cpu/dropout_rows.h"
+#include "cpu/isa.h"
 
 #if defined(PEFTKERN_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -31,7 +31,7 @@ BuildInfo build_info() {
 #else
   info.cuda = false;
 #endif
-  info.cpu_isa = cpu::selected_isa();
+  info.cpu_isa = cpu::isa_name(cpu::selected_isa());
   return info;
 }
 

@@ -97,13 +97,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   const at::Tensor x2 = rows_of(x, K);
   const bool fused = needs_fused_pass(x, lora_A, dropout);
 
-  // dS = s·g·B and dB = s·gᵀ·S: both rank-r GEMMs over g.
+  // dS = s·g·B and dB = s·gᵀ·S: rank-r products over g. With float32 adapters on a half-
+  // precision g they must accumulate into float32 without a float32 copy of g: the device
+  // passes do exactly that (the same passes as for x, with g in place of x and no dropout).
   at::Tensor dS, dB;
+  const bool mixed = compute_type != adapter_type;
   if (need_dx || need_dA) {
-    dS = at::mm(g2, lora_B.to(compute_type)).to(adapter_type).mul_(scaling);
+    dS = mixed ? kernels.down_project(g2, lora_B.t().contiguous(), 0.0, c10::nullopt)
+               : at::mm(g2, lora_B);
+    dS.mul_(scaling);
   }
   if (need_dB) {
-    dB = at::mm(g2.t(), S.to(compute_type)).to(adapter_type).mul_(scaling);
+    if (mixed) {
+      at::Tensor dB_t = at::zeros({r, N}, lora_B.options()), no_dx;
+      kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
+      dB = dB_t.t().contiguous();
+    } else {
+      dB = at::mm(g2.t(), S);
+    }
+    dB.mul_(scaling);
   }
 
   at::Tensor dx, dA;

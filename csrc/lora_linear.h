@@ -14,6 +14,8 @@
 
 namespace peftkern {
 
+// Both passes are generic rank-r products (the backward also runs them over g, with B in
+// place of A and without dropout, for float32 adapters on half-precision data).
 struct LoraKernels {
   // S[M, r] = drop(x)·Aᵀ in A's dtype, reading x[M, K] (contiguous) once.
   at::Tensor (*down_project)(const at::Tensor& x, const at::Tensor& lora_A, double dropout,

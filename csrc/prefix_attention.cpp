@@ -1,6 +1,7 @@
 #include "prefix_attention.h"
 
 #include "checks.h"
+#include "tensor_utils.h"
 
 #include <utility>
 
@@ -82,10 +83,6 @@ AttentionBlock prefix_block(const Dims& s, double scale) {
 
 at::Tensor as_block(const at::Tensor& scores, const Dims& s) {
   return scores.view({s.B * s.Hkv, s.g * s.n, s.m});
-}
-
-at::Tensor unneeded_grad(const at::Tensor& like) {
-  return at::empty({0}, like.options());
 }
 
 // Sums per-example prefix gradients [B, Hkv, m, d] over the batch for a shared prefix. The

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "../activation.h"
-#include "dropout_rows.h"
+#include "dtype.h"
 
 namespace peftkern::cpu {
 

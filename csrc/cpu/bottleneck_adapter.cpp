@@ -1,37 +1,14 @@
 // CPU pass of the fused bottleneck adapter: the elementwise work on the M×r bottleneck
 // (bias is already in Z from the down GEMM), split over rows on all threads and vectorised by
 // the activation row kernels. The GEMMs around it are in ../bottleneck_adapter.cpp.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../bottleneck_adapter.h"
 #include "activation_rows.h"
+#include "rows.h"
 
 namespace peftkern::cpu {
 namespace {
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::f32;
-    case at::kDouble: return Dtype::f64;
-    case at::kHalf: return Dtype::f16;
-    case at::kBFloat16: return Dtype::bf16;
-    default: TORCH_CHECK(false, "peftkern: unsupported dtype ", t.scalar_type());
-  }
-}
-
-// Runs body(first_row, row_count) over the rows of Z on all threads, a few KiB per task.
-template <typename F>
-void parallel_rows(int64_t rows, int64_t r, F&& body) {
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, r));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { body(begin, end - begin); });
-}
-
-// Address of row `row` of a contiguous 2-D tensor (nullptr for an undefined one).
-char* row_ptr(const at::Tensor& t, int64_t row) {
-  if (!t.defined()) return nullptr;
-  return static_cast<char*>(t.data_ptr()) + row * t.size(1) * t.element_size();
-}
 
 void activate(const at::Tensor& Z, Activation activation, double scale, at::Tensor& a) {
   const int64_t r = Z.size(1);

@@ -24,7 +24,4 @@ void drop_backward_rows(Dtype x_type, Dtype acc_type, const void* x, void* dx, c
                         void* masked, int64_t rows, int64_t K, int64_t row0,
                         const DropoutParams* dropout);
 
-// The vector ISA the row kernels run with on this CPU: "avx512", "avx2" or "baseline".
-const char* selected_isa();
-
 }  // namespace peftkern::cpu
