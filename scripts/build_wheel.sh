@@ -8,7 +8,9 @@
 # Knobs (see setup.py): PEFTKERN_FORCE_CUDA / PEFTKERN_FORCE_CPU, TORCH_CUDA_ARCH_LIST
 # (default 8.0;9.0+PTX), MAX_JOBS, NVCC_THREADS.
 set -euo pipefail
-python=$(realpath "$(command -v "$1")")
+# Absolute, but not symlink-resolved: a venv's python is a symlink to the base interpreter.
+python=$(command -v "$1")
+case "$python" in /*) ;; *) python="$PWD/$python" ;; esac
 outdir=$(realpath -m "$2")
 cd "$(dirname "$0")/.."
 mkdir -p "$outdir"
