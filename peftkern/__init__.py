@@ -42,3 +42,7 @@ __all__ = [
 from peftkern.integrations import AdapterSummary, InjectSummary, inject_adapters  # noqa: E402
 
 __all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
+
+from peftkern.integrations import PrefixSummary, inject_prefix  # noqa: E402
+
+__all__ += ["PrefixSummary", "inject_prefix"]

@@ -19,3 +19,7 @@ from peftkern.integrations.adapters import AdapterSummary, inject_adapters  # no
 from peftkern.integrations.summary import InjectSummary  # noqa: E402
 
 __all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
+
+from peftkern.integrations.prefix import PrefixSummary, inject_prefix  # noqa: E402
+
+__all__ += ["PrefixSummary", "inject_prefix"]
