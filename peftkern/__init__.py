@@ -38,3 +38,11 @@ __all__ = [
     "bottleneck_adapter", "build_info", "inject_lora", "load_adapter", "lora_linear", "merge_and_unload",
     "patch_peft", "prefix_attention", "save_adapter", "unpatch_peft",
 ]
+
+from peftkern.integrations import AdapterSummary, InjectSummary, inject_adapters  # noqa: E402
+
+__all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
+
+from peftkern.integrations import PrefixSummary, inject_prefix  # noqa: E402
+
+__all__ += ["PrefixSummary", "inject_prefix"]

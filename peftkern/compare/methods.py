@@ -7,8 +7,8 @@ classifier) is unfrozen afterwards for every method, so "head-only" is the floor
 is measured against. Learning rates are the usual ones for each kind of method: low for
 full fine-tuning, higher for the small adapters, which start from zero.
 
-A method whose peftkern module is not in this build stays listed, as unavailable, until its
-`apply` is written: see `register` at the end of this file.
+A method whose peftkern module is not in this build (its `requires`), or that has no
+`apply`, stays listed as unavailable: see `register` at the end of this file.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable
 
 from torch import nn
 
+import peftkern
 import peftkern.nn
 from peftkern.compare.data import TaskKind
 from peftkern.errors import UsageError
@@ -27,6 +28,11 @@ from peftkern.errors import UsageError
 LORA_TARGETS = ("query", "value", "q_proj", "v_proj")
 LORA_RANK = 8
 LORA_ALPHA = 16.0
+# Adapters start as the identity (zero up-projection), as LoRA starts at B = 0, so every
+# method begins from the pretrained model's own function.
+ADAPTER_INIT = "zeros_up"
+PREFIX_TOKENS = 20  # num_virtual_tokens
+PREFIX_HIDDEN = 128  # width of prefix-mlp's reparameterisation MLP
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,25 @@ def _lora(model: nn.Module) -> None:
         setattr(parent, child, peftkern.nn.LoRALinear.from_linear(linear, r=LORA_RANK, lora_alpha=LORA_ALPHA))
 
 
+def _injected(name: str, inject: Callable[[nn.Module], object]) -> Callable[[nn.Module], None]:
+    """`apply` from a peftkern.inject_* call; an architecture it does not cover is a UsageError
+    (one line on the command line), naming the method."""
+
+    def apply(model: nn.Module) -> None:
+        try:
+            inject(model)
+        except ValueError as error:
+            raise UsageError(f"{name}: {error}") from None
+
+    return apply
+
+
+_houlsby = _injected("houlsby", lambda model: peftkern.inject_adapters(model, "houlsby", init=ADAPTER_INIT))
+_pfeiffer = _injected("pfeiffer", lambda model: peftkern.inject_adapters(model, "pfeiffer", init=ADAPTER_INIT))
+_prefix = _injected("prefix", lambda model: peftkern.inject_prefix(model, PREFIX_TOKENS))
+_prefix_mlp = _injected("prefix-mlp", lambda model: peftkern.inject_prefix(model, PREFIX_TOKENS, projection_hidden=PREFIX_HIDDEN))
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -101,9 +126,8 @@ def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
 # whose head is the (often tied) token embedding.
 register(Method("head-only", "train the new task head only (the floor)", 5e-3, _head_only, kinds=("classification",)))
 register(Method("lora", f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)", 2e-3, _lora, ("LoRALinear",)))
-# Waiting for their modules (other branches): each becomes available by giving `apply`.
-register(Method("houlsby", "Houlsby adapters after attention and FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
-register(Method("pfeiffer", "Pfeiffer adapters after the FFN (peftkern.nn.BottleneckAdapter)", 1e-3, None, ("BottleneckAdapter",)))
-register(Method("prefix", "prefix tuning, prefix rows trained directly (peftkern.nn.PrefixAttention)", 5e-3, None, ("PrefixEncoder", "PrefixAttention")))
-register(Method("prefix-mlp", "prefix tuning with MLP reparameterisation (peftkern.nn.PrefixEncoder)", 1e-3, None, ("PrefixEncoder", "PrefixAttention")))
+register(Method("houlsby", "Houlsby adapters after attention and FFN (peftkern.inject_adapters)", 1e-3, _houlsby, ("BottleneckAdapter",)))
+register(Method("pfeiffer", "Pfeiffer adapters after the FFN (peftkern.inject_adapters)", 1e-3, _pfeiffer, ("BottleneckAdapter",)))
+register(Method("prefix", f"prefix tuning, {PREFIX_TOKENS} rows per layer trained directly (peftkern.inject_prefix)", 5e-3, _prefix, ("PrefixEncoder",)))
+register(Method("prefix-mlp", f"prefix tuning with an MLP reparameterisation, hidden {PREFIX_HIDDEN} (peftkern.inject_prefix)", 1e-3, _prefix_mlp, ("PrefixEncoder",)))
 register(Method("full", "full fine-tuning of every parameter", 1e-4, _full))

@@ -14,3 +14,12 @@ __all__ = [
     "AdapterFormatError", "LoRASummary", "PatchReport", "inject_lora", "load_adapter",
     "merge_and_unload", "patch_peft", "save_adapter", "unpatch_peft",
 ]
+
+from peftkern.integrations.adapters import AdapterSummary, inject_adapters  # noqa: E402
+from peftkern.integrations.summary import InjectSummary  # noqa: E402
+
+__all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
+
+from peftkern.integrations.prefix import PrefixSummary, inject_prefix  # noqa: E402
+
+__all__ += ["PrefixSummary", "inject_prefix"]

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+from peftkern.integrations.summary import InjectSummary
 from peftkern.integrations.targets import TargetModules, select_linear_targets
 from peftkern.nn import LoRALinear
 
 
-@dataclass
-class LoRASummary:
+class LoRASummary(InjectSummary):
     """What inject_lora did: the parameters left trainable and the modules it replaced."""
 
-    trainable_params: int
-    total_params: int
-    replaced: list[str] = field(default_factory=list)
-
-    @property
-    def trainable_share(self) -> float:
-        """Trainable parameters as a percentage of all parameters."""
-        return 100.0 * self.trainable_params / max(self.total_params, 1)
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
-            f"trainable%: {self.trainable_share:.4f} || LoRA on {len(self.replaced)} modules"
-        )
+    what = "LoRA"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

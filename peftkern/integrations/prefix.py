@@ -1,0 +1,176 @@
+"""inject_prefix: prefix tuning in a plain transformers model through its attention registry.
+
+transformers models call their attention through ``ALL_ATTENTION_FUNCTIONS`` with the
+projected ``q, k, v [B, H, n, d]``; registering ``"peftkern_prefix"`` there and switching the
+model to it gives every self-attention layer m trainable key/value rows (peftkern's
+concat-free `prefix_attention`) without copying any model code. The rows of all layers come
+from one `PrefixEncoder` (``model.peftkern_prefix``), evaluated once per forward call by a
+pre-hook on the base model and read by each layer through its ``layer_idx``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkern.functional import prefix_attention
+from peftkern.integrations.summary import InjectSummary
+from peftkern.nn import PrefixEncoder
+
+ATTENTION_NAME = "peftkern_prefix"
+
+
+class PrefixSummary(InjectSummary):
+    """What inject_prefix did: trainable parameters (the prefix encoder) and the attention layers."""
+
+    what = "prefix"
+
+
+class _PrefixRows:
+    """Every layer's (P_K, P_V) of the current forward call, shared by the attention layers.
+    A plain object, not a Module: the tensors are activations, not state to save."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[Tensor, Tensor]] | None = None
+
+
+def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int) -> Tensor | None:
+    """transformers' 4-D mask [B, 1|H, n, n] (bool True = attend, or additive float) as
+    peftkern's key padding mask [B, n] (True = keep). Only padding (plus the causal triangle
+    when `causal`) can be expressed that way; any other pattern is refused rather than
+    silently dropped. Rows of padded queries are not checked: their outputs are never used,
+    and transformers may unmask them to avoid NaN."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (n, n):
+        raise ValueError(f"peftkern: inject_prefix: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]")
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    keep = allowed.any(dim=1).any(dim=1)  # a key is padding when no query may attend to it
+    expected = keep[:, None, None, :]
+    if causal:
+        expected = expected & torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
+    if ((allowed != expected) & keep[:, None, :, None]).any():
+        raise ValueError(
+            "peftkern: inject_prefix: the attention mask is not a padding mask"
+            + (" plus the causal triangle" if causal else "")
+            + " (packed sequences, sliding windows or custom masks are not supported)"
+        )
+    return None if bool(keep.all()) else keep
+
+
+def peftkern_prefix_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention function registered as ``"peftkern_prefix"`` (transformers' signature)."""
+    rows: _PrefixRows | None = getattr(module, "peftkern_prefix_rows", None)
+    if rows is None or rows.layers is None:
+        raise RuntimeError(
+            f"peftkern: {type(module).__name__} runs the peftkern_prefix attention but has no prefix rows; "
+            "call the model inject_prefix was given (its pre-hook computes the rows)"
+        )
+    n = query.shape[2]
+    if key.shape[2] != n:
+        raise NotImplementedError(
+            f"peftkern: inject_prefix covers self-attention over the current tokens only (training, scoring); "
+            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention)"
+        )
+    if dropout > 0.0 and module.training:
+        # The fused kernel has no attention-probability dropout; say so rather than pretend.
+        warnings.warn("peftkern: inject_prefix does not apply attention dropout", stacklevel=2)
+    # As transformers' SDPA path: a call's is_causal wins, then the module's (decoders: True).
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    prefix_k, prefix_v = rows.layers[module.layer_idx]
+    out = prefix_attention(
+        query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
+        key_padding_mask=_padding_mask(attention_mask, causal, n), scale=scaling,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, peftkern_prefix_attention)
+    # Without a mask function transformers passes no mask at all to unknown attention
+    # functions: SDPA's boolean masks carry the padding we convert.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _attention_layers(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules (they hold q/k/v projections and a layer_idx), one per layer."""
+    found = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and any(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "query"))
+    ]
+    if sorted(m.layer_idx for _, m in found) != list(range(num_layers)):
+        raise ValueError(
+            f"peftkern: inject_prefix: {type(model).__name__} should have one self-attention module (with a q_proj or "
+            f"query projection and a layer_idx) per layer, 0..{num_layers - 1}; found layer indices "
+            f"{sorted(m.layer_idx for _, m in found)}"
+        )
+    return found
+
+
+def inject_prefix(
+    model: nn.Module,
+    num_virtual_tokens: int = 20,
+    projection_hidden: int | None = None,
+    *,
+    init: str = "normal",
+) -> PrefixSummary:
+    """Gives every self-attention layer of the transformers `model` `num_virtual_tokens`
+    trainable key/value prefix rows, in place, and freezes every other parameter.
+
+    The rows are `model.peftkern_prefix`, a `PrefixEncoder` (with `projection_hidden`, the MLP
+    reparameterisation of the prefix-tuning paper; ``peftkern_prefix.eject()`` drops the MLP
+    after training). Works for models that use transformers' attention interface (BERT-style
+    encoders, Llama-style decoders, ...), with padding masks, causal masks and gradient
+    checkpointing. Not covered: KV-cache generation, cross-attention, attention dropout.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"peftkern: inject_prefix needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError("peftkern: inject_prefix: models with cross-attention (add_cross_attention=True) are not supported")
+    if hasattr(model, "peftkern_prefix"):
+        raise ValueError("peftkern: inject_prefix: the model already has a prefix (model.peftkern_prefix)")
+    num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    layers = _attention_layers(model, num_layers)
+    weight = next(model.parameters())
+    # Built first: a bad num_virtual_tokens or init leaves the model unchanged.
+    encoder = PrefixEncoder(
+        num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection_hidden, init,
+        device=weight.device, dtype=weight.dtype,
+    )
+    _register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    if config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(f"peftkern: inject_prefix: {type(model).__name__} does not use transformers' attention interface")
+    model.requires_grad_(False)
+    model.peftkern_prefix = encoder
+    rows = _PrefixRows()
+    for _, module in layers:
+        module.peftkern_prefix_rows = rows
+
+    def compute_rows(_module: nn.Module, _args: Any) -> None:
+        # Once per forward call, before any layer runs: the MLP reparameterisation is not
+        # re-run per layer, and gradient checkpointing's recomputation reuses these rows.
+        rows.layers = model.peftkern_prefix()
+
+    # On the base model, which every task head calls, so model.bert(...) works as well.
+    getattr(model, "base_model", model).register_forward_pre_hook(compute_rows)
+    return PrefixSummary.of(model, [name for name, _ in layers])
