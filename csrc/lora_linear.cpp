@@ -62,10 +62,14 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
                            ? kernels.down_project(x2, lora_A, dropout, seed)
                            : at::mm(x2, lora_A.t());
 
-  // The base layer exactly as nn.Linear computes it, then the rank-r term added in one pass
-  // over y, in the adapter's precision (no M×N intermediate, no second GEMM over y).
-  at::Tensor y = given(bias) ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  kernels.add_rank_product(S * scaling, lora_B.t().contiguous(), y, 0.0, c10::nullopt);
+  // y = b + (s·S)·Bᵀ first (a rank-r GEMM), then the base GEMM accumulates into it with
+  // beta = 1: no separate pass over y for the LoRA term. S and B are tiny, so casting them
+  // to x's dtype costs nothing and keeps the big GEMM in the fast low-precision path.
+  const at::Tensor S_scaled = (S * scaling).to(x.scalar_type());
+  const at::Tensor B_t = lora_B.to(x.scalar_type()).t();
+  at::Tensor y = given(bias) ? at::addmm(*bias, S_scaled, B_t)
+                                                        : at::mm(S_scaled, B_t);
+  y.addmm_(x2, weight.t());
 
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
@@ -91,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 
   const at::Tensor g2 = rows_of(grad_y, N);
   const at::Tensor x2 = rows_of(x, K);
+  const bool fused = needs_fused_pass(x, lora_A, dropout);
 
   // dS = s·g·B and dB = s·gᵀ·S: rank-r products over g. With float32 adapters on a half-
   // precision g they must accumulate into float32 without a float32 copy of g: the device
@@ -104,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   }
   if (need_dB) {
     if (mixed) {
-      at::Tensor dB_t = at::zeros({r, N}, lora_B.options());
-      kernels.accumulate_outer(g2, S, 0.0, c10::nullopt, dB_t);
+      at::Tensor dB_t = at::zeros({r, N}, lora_B.options()), no_dx;
+      kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
       dB = dB_t.t().contiguous();
     } else {
       dB = at::mm(g2.t(), S);
@@ -113,18 +118,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     dB.mul_(scaling);
   }
 
-  // dA = dSᵀ·drop(x): the vendor GEMM reads x directly unless it must be masked or converted.
-  at::Tensor dA;
-  if (need_dA) {
-    const bool fused = needs_fused_pass(x, lora_A, dropout);
-    dA = fused ? at::zeros({r, K}, lora_A.options()) : at::mm(dS.t(), x2);
-    if (fused) kernels.accumulate_outer(x2, dS, dropout, seed, dA);
-  }
-  // dx = g·W as for the base layer, then drop'(dS·A) added in one pass over dx.
-  at::Tensor dx;
+  at::Tensor dx, dA;
+  if (need_dA) dA = fused ? at::zeros({r, K}, lora_A.options()) : at::mm(dS.t(), x2);
   if (need_dx) {
-    dx = at::mm(g2, weight);
-    kernels.add_rank_product(dS, lora_A.contiguous(), dx, dropout, seed);
+    if (fused) {
+      dx = at::mm(g2, weight);
+    } else {
+      // dx = dS·A + g·W as a rank-r GEMM followed by the base GEMM with beta = 1.
+      dx = at::mm(dS, lora_A);
+      dx.addmm_(g2, weight);
+    }
+  }
+  if (fused && (need_dx || need_dA)) {
+    kernels.down_project_backward(x2, lora_A, dS, dropout, seed, dA, dx);
   }
 
   at::Tensor dW = need_dW ? at::mm(g2.t(), x2) : unneeded_grad(weight);

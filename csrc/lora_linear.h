@@ -14,20 +14,18 @@
 
 namespace peftkern {
 
-// The device passes. They are generic rank-r products, also run over g (with B in place of A,
-// without dropout) to keep float32 adapters in float32 on half-precision data.
+// Both passes are generic rank-r products (the backward also runs them over g, with B in
+// place of A and without dropout, for float32 adapters on half-precision data).
 struct LoraKernels {
   // S[M, r] = drop(x)·Aᵀ in A's dtype, reading x[M, K] (contiguous) once.
   at::Tensor (*down_project)(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
                              const c10::optional<at::Tensor>& seed);
-  // out[M, K] += drop'(coef·basis) with coef [M, r] and basis [r, K] (adapter dtype): the
-  // rank-r term added into a full-size matrix in one read and write of it, the dropout mask
-  // (of x's elements) regenerated on the fly.
-  void (*add_rank_product)(const at::Tensor& coef, const at::Tensor& basis, at::Tensor& out,
-                           double dropout, const c10::optional<at::Tensor>& seed);
-  // acc[r, K] += coefᵀ·drop(x) with coef [M, r], x [M, K]: reads x once.
-  void (*accumulate_outer)(const at::Tensor& x, const at::Tensor& coef, double dropout,
-                           const c10::optional<at::Tensor>& seed, at::Tensor& acc);
+  // dA[r, K] = dSᵀ·drop(x) when dA is defined, and dx[M, K] += drop'(dS·A) when dx is
+  // defined, regenerating the dropout mask on the fly and reading x once.
+  void (*down_project_backward)(const at::Tensor& x, const at::Tensor& lora_A,
+                                const at::Tensor& dS, double dropout,
+                                const c10::optional<at::Tensor>& seed, at::Tensor& dA,
+                                at::Tensor& dx);
 };
 
 // Returns (y, S). S = drop(x)·Aᵀ is what autograd saves besides x: [M, r] in A's dtype.

@@ -16,10 +16,12 @@ namespace peftkern::cpu {
 void drop_convert_rows(Dtype x_type, Dtype out_type, const void* x, void* out, int64_t rows,
                        int64_t K, int64_t row0, const DropoutParams* dropout);
 
-// out[i, k] += multiplier(row0 + i, k) · Σ_j coef[i, j]·basis[j, k] for rows [0, rows): the
-// rank-r product added into a full-size matrix in one read and write of it (multiplier 1
-// without dropout). coef [rows, r] and basis [r, K] have acc_type, out [rows, K] out_type.
-void add_rank_rows(Dtype out_type, Dtype acc_type, const void* coef, const void* basis, void* out,
-                   int64_t rows, int64_t r, int64_t K, int64_t row0, const DropoutParams* dropout);
+// Backward of the dropout on the rank-r branch, for rows [0, rows):
+//   dx[i, k]    += multiplier(row0 + i, k) * tmp[i, k]   (when dx != nullptr)
+//   masked[i, k] = multiplier(row0 + i, k) * x[i, k]     (when masked != nullptr)
+// x and dx have x_type; tmp and masked have acc_type (the adapter's dtype).
+void drop_backward_rows(Dtype x_type, Dtype acc_type, const void* x, void* dx, const void* tmp,
+                        void* masked, int64_t rows, int64_t K, int64_t row0,
+                        const DropoutParams* dropout);
 
 }  // namespace peftkern::cpu

@@ -46,42 +46,24 @@ void drop_convert_row(const X* x, Out* out, int64_t K, int64_t row, const Dropou
   }
 }
 
-// One row of out += multiplier ⊙ (coef·basis): out[k] += m(row, k)·Σ_j coef[j]·basis[j, k].
-// Columns go in chunks of kRankChunk held in registers while the rank loop runs, so out is
-// read and written once and basis (r×K, small) streams from cache.
-constexpr int64_t kRankChunk = 64;
-
-template <typename Out, typename Acc, bool kDropout>
-void add_rank_row(const Acc* coef, const Acc* basis, Out* out, int64_t r, int64_t K, int64_t row,
-                  const DropoutParams& d) {
+template <typename X, typename Acc, bool kDx, bool kMasked>
+void drop_backward_row(const X* x, X* dx, const Acc* tmp, Acc* masked, int64_t K, int64_t row,
+                       const DropoutParams& d) {
   using C = compute_t<Acc>;
   const C scale = static_cast<C>(d.keep_scale);
-  for (int64_t k0 = 0; k0 < K; k0 += kRankChunk) {
-    const int64_t width = std::min(kRankChunk, K - k0);
-    C acc[kRankChunk];
-    for (int64_t t = 0; t < kRankChunk; ++t) acc[t] = C(0);
-    for (int64_t j = 0; j < r; ++j) {
-      const C c = static_cast<C>(coef[j]);
-      const Acc* b = basis + j * K + k0;
-      if (width == kRankChunk) {
-        for (int64_t t = 0; t < kRankChunk; ++t) acc[t] += c * static_cast<C>(b[t]);
-      } else {
-        for (int64_t t = 0; t < width; ++t) acc[t] += c * static_cast<C>(b[t]);
-      }
-    }
-    Out* o = out + k0;
-    if constexpr (kDropout) {
-      // The chunk's multipliers first (kRankChunk is a multiple of 4, so its Philox groups
-      // start at k0 / 4), in a loop of whole groups that vectorises, then one fused add.
-      C mult[kRankChunk];
-      for (int64_t g = 0; g < (width + 3) / 4; ++g) {
-        const Philox4 w = dropout_words(d, row, k0 / 4 + g);
-        for (int l = 0; l < 4; ++l) mult[4 * g + l] = (w.v[l] >> 8) >= d.threshold ? scale : C(0);
-      }
-      for (int64_t t = 0; t < width; ++t) o[t] = static_cast<Out>(static_cast<C>(o[t]) + mult[t] * acc[t]);
-    } else {
-      for (int64_t t = 0; t < width; ++t) o[t] = static_cast<Out>(static_cast<C>(o[t]) + acc[t]);
-    }
+  auto element = [&](int64_t k, uint32_t word) {
+    const C keep = (word >> 8) >= d.threshold ? scale : C(0);
+    if constexpr (kDx) dx[k] = static_cast<X>(static_cast<C>(dx[k]) + keep * static_cast<C>(tmp[k]));
+    if constexpr (kMasked) masked[k] = static_cast<Acc>(keep * static_cast<C>(x[k]));
+  };
+  const int64_t groups = K / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const Philox4 w = dropout_words(d, row, g);
+    for (int l = 0; l < 4; ++l) element(4 * g + l, w.v[l]);
+  }
+  if (K % 4 != 0) {
+    const Philox4 w = dropout_words(d, row, groups);
+    for (int64_t k = 4 * groups; k < K; ++k) element(k, w.v[k - 4 * groups]);
   }
 }
 
@@ -105,21 +87,27 @@ inline void drop_convert_rows_impl(Dtype x_type, Dtype out_type, const void* x, 
   });
 }
 
-inline void add_rank_rows_impl(Dtype out_type, Dtype acc_type, const void* coef, const void* basis,
-                               void* out, int64_t rows, int64_t r, int64_t K, int64_t row0,
-                               const DropoutParams* dropout) {
-  visit_dtype(out_type, [&](auto out_tag) {
+inline void drop_backward_rows_impl(Dtype x_type, Dtype acc_type, const void* x, void* dx,
+                                    const void* tmp, void* masked, int64_t rows, int64_t K,
+                                    int64_t row0, const DropoutParams* dropout) {
+  // Without dropout the multiplier is 1 everywhere: threshold 0 keeps every element.
+  const DropoutParams d = dropout != nullptr ? *dropout : DropoutParams{0, 0, 1.0};
+  visit_dtype(x_type, [&](auto x_tag) {
     visit_dtype(acc_type, [&](auto acc_tag) {
-      using Out = typename decltype(out_tag)::type;
+      using X = typename decltype(x_tag)::type;
       using Acc = typename decltype(acc_tag)::type;
-      const Acc* coefs = static_cast<const Acc*>(coef);
-      const Acc* basis_rows = static_cast<const Acc*>(basis);
-      Out* outs = static_cast<Out*>(out);
+      const X* xs = static_cast<const X*>(x);
+      X* dxs = static_cast<X*>(dx);
+      const Acc* tmps = static_cast<const Acc*>(tmp);
+      Acc* maskeds = static_cast<Acc*>(masked);
       for (int64_t i = 0; i < rows; ++i) {
-        if (dropout != nullptr) {
-          add_rank_row<Out, Acc, true>(coefs + i * r, basis_rows, outs + i * K, r, K, row0 + i, *dropout);
-        } else {
-          add_rank_row<Out, Acc, false>(coefs + i * r, basis_rows, outs + i * K, r, K, row0 + i, DropoutParams{});
+        const int64_t o = i * K;
+        if (dxs != nullptr && maskeds != nullptr) {
+          drop_backward_row<X, Acc, true, true>(xs + o, dxs + o, tmps + o, maskeds + o, K, row0 + i, d);
+        } else if (dxs != nullptr) {
+          drop_backward_row<X, Acc, true, false>(xs + o, dxs + o, tmps + o, nullptr, K, row0 + i, d);
+        } else if (maskeds != nullptr) {
+          drop_backward_row<X, Acc, false, true>(xs + o, nullptr, nullptr, maskeds + o, K, row0 + i, d);
         }
       }
     });

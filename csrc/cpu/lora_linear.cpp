@@ -1,13 +1,11 @@
 // CPU passes of the fused LoRA linear.
 //
-// Rank-r products that reduce over K or M (x·Aᵀ, dSᵀ·x) go to the vendor BLAS, which runs
-// them near peak when it can read its operands directly. When dropout or a dtype conversion
+// The rank-r projections are GEMMs with a tiny inner or outer dimension, which the vendor BLAS
+// runs near peak when it can read its operands directly. When dropout or a dtype conversion
 // stands between x and the GEMM, x is processed in row chunks: each chunk is masked and
 // converted by the vectorised row kernels into a workspace small enough to stay in the L2
-// cache, and the BLAS consumes it right away. Rank-r products that produce a full-size matrix
-// (s·S·Bᵀ into y, dS·A into dx) would cost the BLAS a full M×N write plus a read by the base
-// GEMM; the row kernels instead add them into y / dx in one pass, mask included. The masked x
-// never exists in full and the mask is never stored: backward regenerates it from the seed.
+// cache, and the BLAS consumes it right away. The masked x therefore never exists in full,
+// and the mask itself is never stored: backward regenerates it from the seed.
 #include <torch/library.h>
 
 #include "../lora_linear.h"
@@ -32,56 +30,55 @@ int64_t chunk_rows(int64_t M, int64_t K, int64_t element_size) {
   return std::max<int64_t>(1, std::min(rows, M));
 }
 
-// Calls consume(first_row, rows, masked) for consecutive row chunks of drop(x), converted to
-// the dtype of `options` in an L2-sized workspace that is reused from chunk to chunk.
-template <typename F>
-void for_each_masked_chunk(const at::Tensor& x, at::TensorOptions options, double dropout,
-                           const c10::optional<at::Tensor>& seed, F&& consume) {
-  const int64_t M = x.size(0), K = x.size(1);
-  if (M == 0) return;
+at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
+                        const c10::optional<at::Tensor>& seed) {
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
+  at::Tensor S = at::empty({M, r}, lora_A.options());
+  if (M == 0) return S;
   const auto d = dropout_params(dropout, seed);
-  const int64_t chunk = chunk_rows(M, K, c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  at::Tensor workspace = at::empty({chunk, K}, options);
+  const int64_t chunk = chunk_rows(M, K, lora_A.element_size());
+  at::Tensor workspace = at::empty({chunk, K}, lora_A.options());
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t rows = std::min(chunk, M - m0);
     parallel_rows(rows, K, [&](int64_t first, int64_t count) {
-      drop_convert_rows(dtype_of(x), dtype_of(workspace), row_ptr(x, m0 + first),
+      drop_convert_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0 + first),
                         row_ptr(workspace, first), count, K, m0 + first, d ? &*d : nullptr);
     });
-    consume(m0, rows, workspace.narrow(0, 0, rows));
-  }
-}
-
-at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
-                        const c10::optional<at::Tensor>& seed) {
-  at::Tensor S = at::empty({x.size(0), lora_A.size(0)}, lora_A.options());
-  for_each_masked_chunk(x, lora_A.options(), dropout, seed, [&](int64_t m0, int64_t rows, const at::Tensor& masked) {
     at::Tensor S_rows = S.narrow(0, m0, rows);
-    at::mm_out(S_rows, masked, lora_A.t());
-  });
+    at::mm_out(S_rows, workspace.narrow(0, 0, rows), lora_A.t());
+  }
   return S;
 }
 
-void add_rank_product(const at::Tensor& coef, const at::Tensor& basis, at::Tensor& out,
-                      double dropout, const c10::optional<at::Tensor>& seed) {
-  const int64_t M = out.size(0), K = out.size(1), r = coef.size(1);
-  if (M == 0 || K == 0) return;
+void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& dS,
+                           double dropout, const c10::optional<at::Tensor>& seed, at::Tensor& dA,
+                           at::Tensor& dx) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (M == 0) return;
   const auto d = dropout_params(dropout, seed);
-  const at::Tensor coef_c = coef.contiguous(), basis_c = basis.contiguous();
-  parallel_rows(M, K * r / 16, [&](int64_t first, int64_t count) {
-    add_rank_rows(dtype_of(out), dtype_of(basis_c), row_ptr(coef_c, first), basis_c.const_data_ptr(),
-                  row_ptr(out, first), count, r, K, first, d ? &*d : nullptr);
-  });
+  const int64_t chunk = chunk_rows(M, K, lora_A.element_size());
+  // lora_term holds dS·A for the chunk (added into dx under the mask); masked_x holds drop(x)
+  // for the chunk (consumed by the dA GEMM).
+  at::Tensor lora_term = dx.defined() ? at::empty({chunk, K}, lora_A.options()) : at::Tensor();
+  at::Tensor masked_x = dA.defined() ? at::empty({chunk, K}, lora_A.options()) : at::Tensor();
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t rows = std::min(chunk, M - m0);
+    const at::Tensor dS_rows = dS.narrow(0, m0, rows);
+    if (dx.defined()) {
+      at::Tensor term_rows = lora_term.narrow(0, 0, rows);
+      at::mm_out(term_rows, dS_rows, lora_A);
+    }
+    parallel_rows(rows, K, [&](int64_t first, int64_t count) {
+      drop_backward_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0 + first),
+                         row_ptr(dx, m0 + first), row_ptr(lora_term, first),
+                         row_ptr(masked_x, first), count, K,
+                         m0 + first, d ? &*d : nullptr);
+    });
+    if (dA.defined()) dA.addmm_(dS_rows.t(), masked_x.narrow(0, 0, rows));
+  }
 }
 
-void accumulate_outer(const at::Tensor& x, const at::Tensor& coef, double dropout,
-                      const c10::optional<at::Tensor>& seed, at::Tensor& acc) {
-  for_each_masked_chunk(x, acc.options(), dropout, seed, [&](int64_t m0, int64_t rows, const at::Tensor& masked) {
-    acc.addmm_(coef.narrow(0, m0, rows).t(), masked);
-  });
-}
-
-constexpr LoraKernels kCpuKernels{&down_project, &add_rank_product, &accumulate_outer};
+constexpr LoraKernels kCpuKernels{&down_project, &down_project_backward};
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -2,11 +2,9 @@
 // kernels do the work around them that would otherwise cost extra passes over memory:
 //   down_project:           S = drop(x)·Aᵀ with the dropout mask generated in registers while x
 //                           is read, once.
-//   add_rank_product:       out += drop'(coef·basis), e.g. y += s·S·Bᵀ or dx += drop'(dS·A), in
-//                           one read and write of out (mask regenerated, x not read).
-//   accumulate_outer:       acc += coefᵀ·drop(x), e.g. dA = dSᵀ·drop(x) (x read once, rows
-//                           split across blocks, partials reduced in a fixed order, so the
-//                           result is deterministic).
+//   down_project_backward:  dx += drop'(dS·A) (mask regenerated, x not read) and
+//                           dA = dSᵀ·drop(x) (x read once, rows split across blocks, partial
+//                           sums reduced in a fixed order so dA is deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -113,18 +111,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[m, k] += mult(m, k) · Σ_j coef[m, j]·basis[j, k]. One block row per row of out;
-// coef[m, :] is staged in shared memory and basis (r×K, small) is read through the cache.
+// dx[m, k] += mult(m, k) · Σ_j dS[m, j]·A[j, k]. One block row per x row; dS[m, :] is staged
+// in shared memory and A (r×K, small) is read through the cache.
 template <typename X, typename Acc, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    add_rank_kernel(const Acc* __restrict__ coef, const Acc* __restrict__ basis, X* __restrict__ out,
-                    int64_t K, int64_t r, DropoutParams params, const int64_t* __restrict__ seed) {
+    lora_dx_kernel(const Acc* __restrict__ dS, const Acc* __restrict__ A, X* __restrict__ dx,
+                   int64_t K, int64_t r, DropoutParams params, const int64_t* __restrict__ seed) {
   using C = compute_t<Acc>;
   extern __shared__ unsigned char shared_bytes[];
-  C* coef_row = reinterpret_cast<C*>(shared_bytes);
+  C* dS_row = reinterpret_cast<C*>(shared_bytes);
   const DropoutParams d = with_seed(params, seed);
   const int64_t m = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < r; j += kThreads) coef_row[j] = static_cast<C>(coef[m * r + j]);
+  for (int64_t j = threadIdx.x; j < r; j += kThreads) dS_row[j] = static_cast<C>(dS[m * r + j]);
   __syncthreads();
 
   const int64_t g = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
@@ -132,26 +130,26 @@ __global__ void __launch_bounds__(kThreads)
   if (k0 >= K) return;
   C sum[4] = {C(0), C(0), C(0), C(0)};
   for (int64_t j = 0; j < r; ++j) {
-    const C c = coef_row[j];
+    const C s = dS_row[j];
 #pragma unroll
     for (int l = 0; l < 4; ++l)
-      if (k0 + l < K) sum[l] += c * static_cast<C>(basis[j * K + k0 + l]);
+      if (k0 + l < K) sum[l] += s * static_cast<C>(A[j * K + k0 + l]);
   }
   C mult[4];
   group_multipliers<C, kDropout>(d, m, g, mult);
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     if (k0 + l < K) {
-      X& o = out[m * K + k0 + l];
-      o = static_cast<X>(static_cast<C>(o) + mult[l] * sum[l]);
+      X& out = dx[m * K + k0 + l];
+      out = static_cast<X>(static_cast<C>(out) + mult[l] * sum[l]);
     }
   }
 }
 
-// partial[split, j, k] = Σ_{m in split} coef[m, j]·drop(x)[m, k] for one rank tile.
+// partial[split, j, k] = Σ_{m in split} dS[m, j]·drop(x)[m, k] for one rank tile.
 template <typename X, typename Acc, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
-    outer_kernel(const X* __restrict__ x, const Acc* __restrict__ coef,
+    lora_dA_kernel(const X* __restrict__ x, const Acc* __restrict__ dS,
                    compute_t<Acc>* __restrict__ partial, int64_t M, int64_t K, int64_t r,
                    int64_t rows_per_split, DropoutParams params,
                    const int64_t* __restrict__ seed) {
@@ -180,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
       xm[l] = k0 + l < K ? static_cast<C>(x[m * K + k0 + l]) * mult[l] : C(0);
 #pragma unroll
     for (int j = 0; j < kRankTile; ++j) {
-      const C s = j0 + j < r ? static_cast<C>(coef[m * r + j0 + j]) : C(0);
+      const C s = j0 + j < r ? static_cast<C>(dS[m * r + j0 + j]) : C(0);
 #pragma unroll
       for (int l = 0; l < 4; ++l) acc[j][l] += s * xm[l];
     }
@@ -208,10 +206,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Calls f(X{}, Acc{}) with the C++ types of x's dtype and the adapter dtype (equal, or float
 // for half/bfloat16 x; the argument checks have already ruled out other pairs).
 template <typename F>
-void dispatch_types(const at::Tensor& x, const at::Tensor& adapter, F&& f) {
+void dispatch_types(const at::Tensor& x, const at::Tensor& lora_A, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "peftkern_lora", [&] {
     using X = scalar_t;
-    if (adapter.scalar_type() == x.scalar_type()) {
+    if (lora_A.scalar_type() == x.scalar_type()) {
       f(X{}, X{});
     } else {
       f(X{}, float{});
@@ -244,65 +242,59 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dr
   return S;
 }
 
-void add_rank_product(const at::Tensor& coef, const at::Tensor& basis, at::Tensor& out,
-                      double dropout, const c10::optional<at::Tensor>& seed) {
-  const c10::cuda::CUDAGuard guard(out.device());
-  const int64_t M = out.size(0), K = out.size(1), r = coef.size(1);
-  if (M == 0 || K == 0) return;
-  const at::Tensor coef_c = coef.contiguous(), basis_c = basis.contiguous();
-  const auto d = dropout_params(dropout);
-  const dim3 grid(M, ceil_div(ceil_div(K, 4), kThreads));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_types(out, basis_c, [&](auto out_value, auto acc_value) {
-    using X = decltype(out_value);
-    using Acc = decltype(acc_value);
-    const size_t smem = r * sizeof(compute_t<Acc>);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, smem, stream>>>(coef_c.const_data_ptr<Acc>(), basis_c.const_data_ptr<Acc>(),
-                                               out.data_ptr<X>(), K, r, d.value_or(DropoutParams{}),
-                                               seed_ptr(dropout, seed));
-    };
-    if (d) launch(add_rank_kernel<X, Acc, true>);
-    else launch(add_rank_kernel<X, Acc, false>);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void accumulate_outer(const at::Tensor& x, const at::Tensor& coef, double dropout,
-                      const c10::optional<at::Tensor>& seed, at::Tensor& acc) {
+void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& dS,
+                           double dropout, const c10::optional<at::Tensor>& seed, at::Tensor& dA,
+                           at::Tensor& dx) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), K = x.size(1), r = coef.size(1);
+  const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   if (M == 0 || K == 0) return;
-  const at::Tensor coef_c = coef.contiguous();
+  const at::Tensor A = lora_A.contiguous();
+  const at::Tensor dS_c = dS.contiguous();
   const auto d = dropout_params(dropout);
+  const DropoutParams params = d.value_or(DropoutParams{});
+  const int64_t* seed_data = seed_ptr(dropout, seed);
   const int64_t column_blocks = ceil_div(ceil_div(K, 4), kThreads);
-  const int64_t rank_tiles = ceil_div(r, kRankTile);
-  // Enough row splits to fill the GPU a few times over; each split reduces at least 64 rows.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t splits = std::max<int64_t>(
-      1, std::min(ceil_div(4 * sms, column_blocks * rank_tiles), ceil_div(M, 64)));
-  const int64_t rows_per_split = ceil_div(M, splits);
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_types(x, coef_c, [&](auto x_value, auto acc_value) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  dispatch_types(x, A, [&](auto x_value, auto acc_value) {
     using X = decltype(x_value);
     using Acc = decltype(acc_value);
     using C = compute_t<Acc>;
-    const auto partial_type = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
-    at::Tensor partial = at::empty({splits, r, K}, x.options().dtype(partial_type));
-    const dim3 grid(column_blocks, rank_tiles, splits);
-    auto launch = [&](auto kernel) {
-      kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<X>(), coef_c.const_data_ptr<Acc>(),
-                                            partial.data_ptr<C>(), M, K, r, rows_per_split,
-                                            d.value_or(DropoutParams{}), seed_ptr(dropout, seed));
-    };
-    if (d) launch(outer_kernel<X, Acc, true>);
-    else launch(outer_kernel<X, Acc, false>);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    acc.add_(partial.sum(0));
+    if (dx.defined()) {
+      const dim3 grid(M, column_blocks);
+      const size_t smem = r * sizeof(C);
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, smem, stream>>>(dS_c.const_data_ptr<Acc>(), A.const_data_ptr<Acc>(),
+                                                 dx.data_ptr<X>(), K, r, params, seed_data);
+      };
+      if (d) launch(lora_dx_kernel<X, Acc, true>);
+      else launch(lora_dx_kernel<X, Acc, false>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (dA.defined()) {
+      // Enough row splits to fill the GPU a few times over; each split reduces at least 64 rows.
+      const int64_t rank_tiles = ceil_div(r, kRankTile);
+      const int64_t splits = std::max<int64_t>(
+          1, std::min(ceil_div(4 * sms, column_blocks * rank_tiles), ceil_div(M, 64)));
+      const int64_t rows_per_split = ceil_div(M, splits);
+      const auto acc_type = std::is_same_v<C, double> ? at::kDouble : at::kFloat;
+      at::Tensor partial = at::empty({splits, r, K}, x.options().dtype(acc_type));
+      const dim3 grid(column_blocks, rank_tiles, splits);
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<X>(), dS_c.const_data_ptr<Acc>(),
+                                              partial.data_ptr<C>(), M, K, r, rows_per_split,
+                                              params, seed_data);
+      };
+      if (d) launch(lora_dA_kernel<X, Acc, true>);
+      else launch(lora_dA_kernel<X, Acc, false>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dA.copy_(partial.sum(0));
+    }
   });
 }
 
-constexpr LoraKernels kCudaKernels{&down_project, &add_rank_product, &accumulate_outer};
+constexpr LoraKernels kCudaKernels{&down_project, &down_project_backward};
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
