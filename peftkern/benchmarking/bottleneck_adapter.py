@@ -61,7 +61,7 @@ def _adapters_library_provider(case: AdapterCase, h: torch.Tensor) -> Provider |
         return None
     config = SeqBnConfig(reduction_factor=case.hidden / case.bottleneck, non_linearity=case.activation)
     layer = Adapter("bench", case.hidden, case.bottleneck, config).to(device=case.device, dtype=case.dtype).train()
-    return Provider("adapters", lambda: layer(h, h)[0], [*layer.parameters(), h])
+    return Provider("adapters", lambda: layer(h, h)[0], list(layer.parameters()), [h])
 
 
 def providers_for(case: AdapterCase, compile_modes: tuple[str, ...] = COMPILE_MODES) -> list[Provider]:
@@ -72,14 +72,14 @@ def providers_for(case: AdapterCase, compile_modes: tuple[str, ...] = COMPILE_MO
     nn.init.normal_(adapter.b_down, std=0.02)  # some pre-activations of either sign
     eager = EagerAdapter(adapter)
     providers = [
-        Provider("copy", lambda: h * 1.0, [h]),
-        Provider("peftkern", lambda: adapter(h), [*adapter.parameters(), h]),
-        Provider("eager", lambda: eager(h), [*eager.parameters(), h]),
+        Provider("copy", lambda: h * 1.0, [], [h]),
+        Provider("peftkern", lambda: adapter(h), list(adapter.parameters()), [h]),
+        Provider("eager", lambda: eager(h), list(eager.parameters()), [h]),
     ]
     for mode in compile_modes:
         compiled = torch.compile(eager, mode=mode, dynamic=False)
         label = "compile" if mode == "default" else f"compile:{mode.replace('-no-cudagraphs', '')}"
-        providers.append(Provider(label, lambda compiled=compiled: compiled(h), [*eager.parameters(), h]))
+        providers.append(Provider(label, lambda compiled=compiled: compiled(h), list(eager.parameters()), [h]))
     library = _adapters_library_provider(case, h)
     if library is not None:
         providers.append(library)

@@ -53,11 +53,12 @@ def providers_for(case: PrefixCase) -> list[Provider]:
         v_ext = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
         return sdpa(q, k_ext, v_ext, attn_mask=keep)
 
-    everything = [q, k, v, prefix_k, prefix_v]
+    # The prefix rows are parameters; q, k and v are activations of the layer before.
+    prefix, inputs = [prefix_k, prefix_v], [q, k, v]
     return [
-        Provider("no-prefix", lambda: sdpa(q, k, v, is_causal=case.causal), [q, k, v]),
-        Provider("concat+sdpa", concat_sdpa, everything),
-        Provider("peftkern", lambda: peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal), everything),
+        Provider("no-prefix", lambda: sdpa(q, k, v, is_causal=case.causal), [], inputs),
+        Provider("concat+sdpa", concat_sdpa, prefix, inputs),
+        Provider("peftkern", lambda: peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal), prefix, inputs),
     ]
 
 
