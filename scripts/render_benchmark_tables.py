@@ -49,8 +49,15 @@ def render_file(path: Path) -> str:
     return "\n".join(lines)
 
 
+def is_benchmark_document(path: Path) -> bool:
+    """Harness output ({"command", "date", "results"}); other JSON (e.g. compare runs) is not."""
+    document = json.loads(path.read_text())
+    rows = document.get("results") if isinstance(document, dict) else None
+    return isinstance(rows, list) and bool(rows) and "ratio_to_floor" in rows[0]
+
+
 def main() -> None:
-    files = sorted(RESULTS.glob("**/*.json"))
+    files = [f for f in sorted(RESULTS.glob("**/*.json")) if is_benchmark_document(f)]
     body = "\n".join(render_file(f) for f in files) if files else "No results recorded yet."
     text = README.read_text()
     head, rest = text.split(START, 1)
