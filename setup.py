@@ -87,9 +87,9 @@ def wheel_cuda_include_dir() -> list[str]:
     """Headers the toolkit lacks but the CUDA torch wheel's nvidia-* packages ship.
 
     ATen's CUDA headers include cuBLAS and cuSPARSE. A toolkit without them (a slim
-    install) still builds when the nvidia-* wheels are present: their headers are linked
-    into one folder that is searched after the toolkit's own, so headers the toolkit does
-    have are never shadowed by the wheel's copies.
+    install) still builds when the nvidia-* wheels are present: the wheel headers that the
+    toolkit lacks, and only those, are linked into one folder on the include path, so none of
+    the toolkit's own headers is shadowed by a wheel's copy of another version.
     """
     toolkit_include = Path(cpp_extension.CUDA_HOME) / "include"
     wanted = ["cublas_v2.h", "cusparse.h"]
