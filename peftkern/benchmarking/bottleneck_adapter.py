@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkern.benchmarking.harness import Provider, Result, measure_case
+from peftkern.benchmarking.harness import Provider, Result, dtype_name, measure_case
 from peftkern.nn import BottleneckAdapter
 from peftkern.reference import adapter_activation
 
@@ -25,7 +25,7 @@ class AdapterCase:
 
     @property
     def name(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
+        dt = dtype_name(self.dtype)
         return f"adapter M{self.rows} d{self.hidden} r{self.bottleneck} {self.activation} {dt}"
 
 

@@ -55,6 +55,11 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how dtypes appear in case names."""
+    return str(dtype).replace("torch.", "")
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkern.benchmarking.harness import Provider, Result, measure_case
+from peftkern.benchmarking.harness import Provider, Result, dtype_name, measure_case
 from peftkern.nn import LoRALinear
 
 
@@ -24,7 +24,7 @@ class LoRACase:
 
     @property
     def name(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
+        dt = dtype_name(self.dtype)
         return f"lora M{self.rows} K{self.in_features} N{self.out_features} r{self.r} p{self.dropout} {dt}"
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 import peftkern
-from peftkern.benchmarking.harness import Provider, Result, measure_case
+from peftkern.benchmarking.harness import Provider, Result, dtype_name, measure_case
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class PrefixCase:
 
     @property
     def name(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
+        dt = dtype_name(self.dtype)
         return f"prefix B{self.batch} H{self.heads} n{self.seq} m{self.prefix} d{self.head_dim} {dt}"
 
 

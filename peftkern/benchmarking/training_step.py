@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from peftkern.benchmarking.harness import Provider, Result, make_result, peak_bytes, saved_activation_bytes, time_interleaved
+from peftkern.benchmarking.harness import Provider, Result, dtype_name, make_result, peak_bytes, saved_activation_bytes, time_interleaved
 from peftkern.integrations import inject_lora, patch_peft
 
 QV = ("q_proj", "v_proj")
@@ -40,7 +40,7 @@ class StepCase:
 
     @property
     def name(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
+        dt = dtype_name(self.dtype)
         where = "qv" if self.targets == QV else f"{len(self.targets)}lin"
         return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r} {dt}"
 
