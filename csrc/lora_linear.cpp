@@ -67,8 +67,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   // to x's dtype costs nothing and keeps the big GEMM in the fast low-precision path.
   const at::Tensor S_scaled = (S * scaling).to(x.scalar_type());
   const at::Tensor B_t = lora_B.to(x.scalar_type()).t();
-  at::Tensor y = given(bias) ? at::addmm(*bias, S_scaled, B_t)
-                                                        : at::mm(S_scaled, B_t);
+  at::Tensor y = given(bias) ? at::addmm(*bias, S_scaled, B_t) : at::mm(S_scaled, B_t);
   y.addmm_(x2, weight.t());
 
   auto out_shape = x.sizes().vec();
