@@ -41,8 +41,9 @@ std::tuple<at::Tensor, at::Tensor> blockwise_attention_forward(
     const AttentionRowKernels& kernels, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& mask, bool causal, double scale) {
   const Shape s = shape_of(q, k);
-  const at::Tensor q4 = q.view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor k3 = k.view({s.bh(), s.n, s.d}), v3 = v.view({s.bh(), s.n, s.d});
+  const at::Tensor q4 = q.contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor k3 = k.contiguous().view({s.bh(), s.n, s.d});
+  const at::Tensor v3 = v.contiguous().view({s.bh(), s.n, s.d});
   at::Tensor out = at::empty_like(q4);
   at::Tensor lse = at::empty({s.bh(), s.g, s.n}, q.options());
   for_each_block(kernels, s, q.element_size(), causal, scale, [&](const AttentionBlock& b) {
@@ -60,13 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blockwise_attention_backward(
     const at::Tensor& lse, bool causal, double scale, std::array<bool, 3> needed) {
   const auto [need_dq, need_dk, need_dv] = needed;
   const Shape s = shape_of(q, k);
-  const at::Tensor q4 = q.view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor dO4 = grad_out.view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor k3 = k.view({s.bh(), s.n, s.d}), v3 = v.view({s.bh(), s.n, s.d});
+  const at::Tensor q4 = q.contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor dO4 = grad_out.contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor k3 = k.contiguous().view({s.bh(), s.n, s.d});
+  const at::Tensor v3 = v.contiguous().view({s.bh(), s.n, s.d});
   const at::Tensor lse3 = lse.view({s.bh(), s.g, s.n});
   // D = rowsum(dO ⊙ O) with the caller's out: with the matching lse this is the softmax
   // backward of whatever attention (out, lse) describe, restricted to these keys.
-  const at::Tensor D = (dO4 * out.view({s.bh(), s.g, s.n, s.d})).sum(-1, /*keepdim=*/true);
+  const at::Tensor D = (dO4 * out.reshape({s.bh(), s.g, s.n, s.d})).sum(-1, /*keepdim=*/true);
   at::Tensor dq = need_dq ? at::empty_like(q4) : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k3) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v3) : at::Tensor();

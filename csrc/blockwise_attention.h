@@ -44,7 +44,8 @@ struct AttentionRowKernels {
   int64_t block_bytes;
 };
 
-// q [B, Hq, n, d], k, v [B, Hkv, n, d], contiguous, float32 or float64. Returns (out, lse).
+// q [B, Hq, n, d], k, v [B, Hkv, n, d] (any strides), float32 or float64. Returns (out, lse),
+// both contiguous.
 std::tuple<at::Tensor, at::Tensor> blockwise_attention_forward(
     const AttentionRowKernels& kernels, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& mask, bool causal, double scale);

@@ -67,8 +67,12 @@ at::ScalarType compute_type(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// In the compute dtype with rows of head_dim contiguous, any other strides kept: the device
+// kernels address [B, H, n, d] through strides, so the [B, n, H, d] memory that projections
+// produce is read in place.
 at::Tensor in_compute(const at::Tensor& t, at::ScalarType type) {
-  return t.to(type).contiguous();
+  at::Tensor c = t.to(type);
+  return c.stride(-1) == 1 ? c : c.contiguous();
 }
 
 at::Tensor mask_or_undefined(const c10::optional<at::Tensor>& mask) {
@@ -91,6 +95,48 @@ at::Tensor reduce_prefix_grad(at::Tensor grad, const Dims& s, const at::Tensor& 
   return (s.shared_prefix ? grad.sum(0) : grad).to(like.scalar_type());
 }
 
+// The prefix part through ATen GEMMs and the device's row passes: every query over the m
+// prefix rows, one GEMM over all rows. A shared prefix [Hkv, m, d] broadcasts over the batch
+// inside matmul; nothing of size B·(n+m) is built.
+void prefix_forward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s,
+                            const at::Tensor& qc, const at::Tensor& pk, const at::Tensor& pv,
+                            at::Tensor& out, at::Tensor& lse, double scale) {
+  const at::Tensor q_rows = qc.contiguous().view({s.B, s.Hkv, s.g * s.n, s.d});
+  const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
+  at::Tensor p2_block = as_block(p2, s);
+  at::Tensor lse2 = at::empty({s.B, s.Hkv, s.g * s.n, 1}, qc.options());
+  kernels.rows.softmax_rows(p2_block, lse2, at::Tensor(), prefix_block(s, scale));
+  out = out.contiguous();  // the merge pass takes [rows, d] rows
+  kernels.merge(out, lse, at::matmul(p2, pv), lse2);
+}
+
+// Backward of prefix_forward_by_gemm: P₂ = exp(q·P_Kᵀ·scale - lse) and its softmax backward,
+// over all rows at once. Adds to dq when defined (making it contiguous); sets the per-example
+// prefix gradients.
+void prefix_backward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s,
+                             const at::Tensor& dO, const at::Tensor& qc, const at::Tensor& pk,
+                             const at::Tensor& pv, const at::Tensor& out_c,
+                             const at::Tensor& lse_c, double scale, at::Tensor& dq,
+                             at::Tensor* grad_k, at::Tensor* grad_v) {
+  const auto rows = [&](const at::Tensor& t) {
+    return t.contiguous().view({s.B, s.Hkv, s.g * s.n, -1});
+  };
+  const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
+  const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
+  at::Tensor p2_block = as_block(p2, s);
+  kernels.rows.probs_rows(p2_block, lse_c, at::Tensor(), prefix_block(s, scale));
+  if (grad_v != nullptr) *grad_v = at::matmul(p2.transpose(-1, -2), dO_rows);
+  if (!dq.defined() && grad_k == nullptr) return;
+  // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.
+  at::Tensor dS2 = at::matmul(dO_rows, pv.transpose(-1, -2));
+  dS2.sub_(rows((dO * out_c).sum(-1))).mul_(p2);
+  if (dq.defined()) {
+    dq = dq.contiguous();
+    rows(dq).add_(at::matmul(dS2, pk), scale);
+  }
+  if (grad_k != nullptr) *grad_k = at::matmul(dS2.transpose(-1, -2), q_rows).mul_(scale);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
@@ -103,17 +149,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
   auto [out, lse] = kernels.sequence_forward(qc, in_compute(k, type), in_compute(v, type),
                                              mask_or_undefined(key_padding_mask), causal, scale);
   if (s.m > 0) {
-    // Prefix part: every query over the m prefix rows, one GEMM over all rows. A shared
-    // prefix [Hkv, m, d] broadcasts over the batch inside matmul; nothing of size B·(n+m)
-    // is built.
-    const at::Tensor q_rows = qc.view({s.B, s.Hkv, s.g * s.n, s.d});
-    const at::Tensor p2 = at::matmul(q_rows, in_compute(prefix_k, type).transpose(-1, -2));
-    at::Tensor p2_block = as_block(p2, s);
-    at::Tensor lse2 = at::empty({s.B, s.Hkv, s.g * s.n, 1}, qc.options());
-    kernels.rows.softmax_rows(p2_block, lse2, at::Tensor(), prefix_block(s, scale));
-    kernels.merge(out, lse, at::matmul(p2, in_compute(prefix_v, type)), lse2);
+    const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+    const bool fused = kernels.fused_prefix_forward != nullptr &&
+                       kernels.fused_prefix_forward(qc, pk, pv, out, lse, scale);
+    if (!fused) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
   }
-  return {out.to(q.scalar_type()), lse};
+  return {in_layout_of(out, q), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
@@ -146,37 +187,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
   at::Tensor dpk, dpv;
   if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
-    // Prefix part: P₂ = exp(q·P_Kᵀ·scale - lse) and its softmax backward, over all rows at once.
-    const auto rows = [&](const at::Tensor& t) { return t.view({s.B, s.Hkv, s.g * s.n, -1}); };
-    const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
     const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
-    const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
-    at::Tensor p2_block = as_block(p2, s);
-    kernels.rows.probs_rows(p2_block, lse_c, at::Tensor(), prefix_block(s, scale));
-    if (need_dpv) dpv = reduce_prefix_grad(at::matmul(p2.transpose(-1, -2), dO_rows), s, prefix_v);
-    if (need_dq || need_dpk) {
-      // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.
-      at::Tensor dS2 = at::matmul(dO_rows, pv.transpose(-1, -2));
-      dS2.sub_(rows((dO * out_c).sum(-1))).mul_(p2);
-      if (need_dq) {
-        dq = dq.contiguous();
-        rows(dq).add_(at::matmul(dS2, pk), scale);
-      }
-      if (need_dpk) {
-        dpk = reduce_prefix_grad(at::matmul(dS2.transpose(-1, -2), q_rows).mul_(scale), s,
-                                 prefix_k);
-      }
+    at::Tensor* grad_k = need_dpk ? &dpk : nullptr;
+    at::Tensor* grad_v = need_dpv ? &dpv : nullptr;
+    const bool fused = kernels.fused_prefix_backward != nullptr &&
+                       kernels.fused_prefix_backward(dO, qc, pk, pv, out_c, lse_c, scale, dq,
+                                                     grad_k, grad_v);
+    if (!fused) {
+      prefix_backward_by_gemm(kernels, s, dO, qc, pk, pv, out_c, lse_c, scale, dq, grad_k,
+                              grad_v);
     }
+    if (need_dpk) dpk = reduce_prefix_grad(dpk, s, prefix_k);
+    if (need_dpv) dpv = reduce_prefix_grad(dpv, s, prefix_v);
   } else if (s.m == 0) {
     // m = 0: the prefix gradients are zero-size tensors of the prefix's shape.
     if (need_dpk) dpk = at::zeros_like(prefix_k);
     if (need_dpv) dpv = at::zeros_like(prefix_v);
   }
 
-  // Contiguous like the fake kernel promises, whatever layout the device's kernel returned.
-  return {need_dq ? dq.to(q.scalar_type()).contiguous() : unneeded_grad(q),
-          need_dk ? dk.to(k.scalar_type()).contiguous() : unneeded_grad(k),
-          need_dv ? dv.to(v.scalar_type()).contiguous() : unneeded_grad(v),
+  // In the layout of their inputs, like the fake kernel promises (no copy when the device's
+  // kernel already produced it, as the CPU one does for the [B, n, H, d] memory of models).
+  return {need_dq ? in_layout_of(dq, q) : unneeded_grad(q),
+          need_dk ? in_layout_of(dk, k) : unneeded_grad(k),
+          need_dv ? in_layout_of(dv, v) : unneeded_grad(v),
           need_dpk ? dpk : unneeded_grad(prefix_k),
           need_dpv ? dpv : unneeded_grad(prefix_v)};
 }

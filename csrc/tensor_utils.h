@@ -18,4 +18,13 @@ inline at::Tensor unneeded_grad(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
 
+// t with like's dtype and the memory layout at::empty_like(like) gives (like's strides when
+// it is dense, which is what the fake kernels promise): t itself when it already has both,
+// otherwise a copy.
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  at::Tensor result = at::empty_like(like);
+  if (t.scalar_type() == like.scalar_type() && t.strides() == result.strides()) return t;
+  return result.copy_(t);
+}
+
 }  // namespace peftkern

@@ -197,7 +197,8 @@ def _prefix_attention_fake(
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "peftkern: q.shape[1] must be a multiple of k.shape[1]")
     torch._check(k.shape[3] == q.shape[3], lambda: "peftkern: k.shape[3] must equal q.shape[3] (head_dim)")
     torch._check(prefix_k.shape[-1] == q.shape[3], lambda: "peftkern: prefix_k.shape[-1] must equal q.shape[3] (head_dim)")
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    # out has q's memory layout (the [B, n, H, d] memory of a model's projections stays so).
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("peftkern::prefix_attention_backward")
@@ -215,9 +216,12 @@ def _prefix_attention_backward_fake(
     scale: float,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(
-        _grad_or_empty(needed, t, t.shape, t.dtype) for needed, t in zip(output_mask, (q, k, v, prefix_k, prefix_v))
+    # dq, dk, dv have their input's memory layout; the prefix gradients are contiguous.
+    q_grads = tuple(torch.empty_like(t) if needed else t.new_empty((0,)) for needed, t in zip(output_mask, (q, k, v)))
+    prefix_grads = tuple(
+        _grad_or_empty(needed, t, t.shape, t.dtype) for needed, t in zip(output_mask[3:], (prefix_k, prefix_v))
     )
+    return q_grads + prefix_grads
 
 
 def _prefix_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:

@@ -67,6 +67,9 @@ def _prefix_attention_samples(device: str) -> list[tuple]:
         (t(2, 4, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 3, 8), t(2, 3, 8), mask, True, 0.35),
         (t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), None, False, 0.5),
         (t(1, 2, 3, 8), t(1, 1, 3, 8), t(1, 1, 3, 8), t(1, 0, 8), t(1, 0, 8), None, True, 0.35),
+        # q, k, v in the [B, n, H, d] memory of projections: out and grads keep that layout.
+        (*(x.transpose(1, 2) for x in (t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8))), t(2, 3, 8), t(2, 3, 8),
+         mask, True, 0.35),
         (t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16),
          t(2, 2, 16, dtype=torch.bfloat16), t(2, 2, 16, dtype=torch.bfloat16), None, True, 0.25),
     ]

@@ -1,13 +1,13 @@
-// CPU side of the prefix attention: the sequence part and the merge pass (the prefix part is
-// device-agnostic, ../prefix_attention.cpp).
+// CPU side of the prefix attention: the sequence part, the merge pass and, for float32, the
+// fused prefix part (the orchestration is device-agnostic, ../prefix_attention.cpp).
 //
 // Sequence part: ATen's fused CPU flash-attention kernel, which reports its log-sum-exp and
 // whose backward accepts any (out, lse) — exactly what the merge needs, at the speed of plain
 // attention, with grouped-query attention and the padding mask handled inside the kernel.
 // float64 instead runs the blockwise path that the CUDA build uses (../blockwise_attention.h),
-// with the row passes below: float64 is the dtype of the exact reference tests and gradcheck,
-// so that orchestration is verified on every machine, GPU or not. The same row passes do the
-// prefix part's softmax (m keys per row) in every dtype.
+// with the row passes below, and so does its prefix part: float64 is the dtype of the exact
+// reference tests and gradcheck, so that orchestration is verified on every machine, GPU or
+// not. float32 does the prefix part in one fused pass over the query rows (prefix_rows.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <vector>
 
 #include "../blockwise_attention.h"
 #include "../prefix_attention.h"
+#include "prefix_rows.h"
 
 namespace peftkern::cpu {
 namespace {
@@ -167,8 +169,7 @@ std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const a
   }
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q, k, v, 0.0, causal, additive_mask(mask, q), scale);
-  out = out.contiguous();
-  lse = lse.contiguous();
+  lse = lse.contiguous();  // the kernel's lse is [B, n, H] in memory
   // The fused kernel reports lse = 0 (and out = 0) for a query that sees no key; the merge
   // needs -inf there so that such a query takes the prefix part alone.
   if (mask.defined()) lse.masked_fill_(sees_no_key(mask, causal), -std::numeric_limits<double>::infinity());
@@ -190,8 +191,146 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
       grad_out, q, k, v, out, finite_lse, 0.0, causal, additive_mask(mask, q), scale);
 }
 
+// The fused prefix part (prefix_rows.h) for float32. float64 keeps the GEMM path: it is the
+// one the CUDA build runs, and float64 is the dtype of the exact reference tests.
+class FusedPrefix {
+ public:
+  FusedPrefix(const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale)
+      : k_(prefix_k.contiguous()),
+        v_(prefix_v.contiguous()),
+        m_(prefix_k.size(-2)),
+        m_pad_((m_ + 15) / 16 * 16),
+        d_(prefix_k.size(-1)),
+        kv_heads_(prefix_k.size(-3)),
+        shared_(prefix_k.dim() == 3),
+        k_t_(padded_transpose(k_)),
+        v_t_(padded_transpose(v_)),
+        scale_(static_cast<float>(scale)) {}
+
+  // The prefix of batch-head bh (b·Hkv + h).
+  PrefixRows rows_of(int64_t bh) const {
+    const int64_t head = shared_ ? bh % kv_heads_ : bh;
+    const int64_t plain = head * m_ * d_, padded = head * d_ * m_pad_;
+    return {k_.const_data_ptr<float>() + plain, v_.const_data_ptr<float>() + plain,
+            k_t_.const_data_ptr<float>() + padded, v_t_.const_data_ptr<float>() + padded,
+            m_, m_pad_, d_, scale_};
+  }
+  int64_t m() const { return m_; }
+  int64_t d() const { return d_; }
+  int64_t kv_heads() const { return kv_heads_; }
+
+ private:
+  // [..., m, d] → [..., d, m_pad], the columns past m zero.
+  at::Tensor padded_transpose(const at::Tensor& p) const {
+    std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end() - 2);
+    shape.insert(shape.end(), {d_, m_pad_});
+    at::Tensor t = at::zeros(shape, p.options());
+    t.narrow(-1, 0, m_).copy_(p.transpose(-1, -2));
+    return t;
+  }
+
+  at::Tensor k_, v_;
+  int64_t m_, m_pad_, d_, kv_heads_;
+  bool shared_;
+  at::Tensor k_t_, v_t_;
+  float scale_;
+};
+
+// A [B, H, n, d] float tensor whose rows of d are contiguous, addressed by (b, h, i) through
+// its strides: contiguous tensors and the [B, n, H, d] memory of projections alike.
+struct HeadRows {
+  explicit HeadRows(const at::Tensor& t)
+      : data(t.defined() ? t.data_ptr<float>() : nullptr),
+        batch_stride(t.defined() ? t.stride(0) : 0),
+        head_stride(t.defined() ? t.stride(1) : 0),
+        row_stride(t.defined() ? t.stride(2) : 0) {}
+  float* row(int64_t b, int64_t h, int64_t i) const {
+    return data ? data + b * batch_stride + h * head_stride + i * row_stride : nullptr;
+  }
+  float* data;
+  int64_t batch_stride, head_stride, row_stride;
+};
+
+// Calls body(b, h, i, count) for the runs of consecutive query rows i..i+count of one head
+// (b, h) that make up the flat rows [begin, end) of [B, H, n] (row = (b·H + h)·n + i).
+template <typename F>
+void for_each_head_run(int64_t begin, int64_t end, int64_t heads, int64_t n, F&& body) {
+  for (int64_t row = begin; row < end;) {
+    const int64_t head = row / n, i = row % n;
+    const int64_t count = std::min(end - row, n - i);
+    body(head / heads, head % heads, i, count);
+    row += count;
+  }
+}
+
+bool fused_prefix_forward(const at::Tensor& q, const at::Tensor& prefix_k,
+                          const at::Tensor& prefix_v, at::Tensor& out, at::Tensor& lse,
+                          double scale) {
+  if (q.scalar_type() != at::kFloat) return false;
+  const FusedPrefix prefix(prefix_k, prefix_v, scale);
+  const int64_t Hq = q.size(1), n = q.size(2), group = Hq / prefix.kv_heads();
+  const HeadRows Q(q), O(out);
+  float* lse_data = lse.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (prefix.m() * prefix.d()));
+  at::parallel_for(0, q.size(0) * Hq * n, grain, [&](int64_t begin, int64_t end) {
+    for_each_head_run(begin, end, Hq, n, [&](int64_t b, int64_t h, int64_t i, int64_t count) {
+      prefix_forward_rows(prefix.rows_of(b * prefix.kv_heads() + h / group), Q.row(b, h, i),
+                          Q.row_stride, O.row(b, h, i), O.row_stride,
+                          lse_data + (b * Hq + h) * n + i, count);
+    });
+  });
+  return true;
+}
+
+bool fused_prefix_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                           const at::Tensor& out, const at::Tensor& lse, double scale,
+                           at::Tensor& dq, at::Tensor* grad_k, at::Tensor* grad_v) {
+  if (q.scalar_type() != at::kFloat) return false;
+  const FusedPrefix prefix(prefix_k, prefix_v, scale);
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), Hkv = prefix.kv_heads();
+  const int64_t group = Hq / Hkv, bh_count = B * Hkv, rows_per_bh = group * n;
+  const int64_t m = prefix.m(), d = prefix.d();
+  // Each unit (a batch-head, or a fixed slice of its rows when there are few batch-heads)
+  // owns its prefix-gradient accumulators, summed afterwards in a fixed order: the result
+  // depends on the shapes only, never on the thread count, so it is bitwise reproducible.
+  const int64_t slices = std::clamp<int64_t>((64 + bh_count - 1) / bh_count, 1,
+                                             (rows_per_bh + 127) / 128);
+  const int64_t slice_rows = (rows_per_bh + slices - 1) / slices;
+  const auto partials = [&](bool needed) {
+    return needed ? at::zeros({bh_count, slices, m, d}, q.options()) : at::Tensor();
+  };
+  at::Tensor k_parts = partials(grad_k != nullptr), v_parts = partials(grad_v != nullptr);
+  const HeadRows Q(q), dO(grad_out), O(out), dQ(dq), K_parts(k_parts), V_parts(v_parts);
+  const float* lse_data = lse.const_data_ptr<float>();
+  at::parallel_for(0, bh_count * slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t bh = unit / slices, slice = unit % slices, b = bh / Hkv, kv_head = bh % Hkv;
+      const int64_t first = slice * slice_rows;
+      const int64_t last = std::min(first + slice_rows, rows_per_bh);
+      // The unit's rows are those of its query heads kv_head·group + [0, group).
+      const int64_t head_base = b * Hq + kv_head * group;
+      for_each_head_run(head_base * n + first, head_base * n + std::max(first, last), Hq, n,
+                        [&](int64_t b_, int64_t h, int64_t i, int64_t count) {
+        const PrefixGradRows rows{Q.row(b_, h, i), dO.row(b_, h, i), O.row(b_, h, i),
+                                  dQ.row(b_, h, i), Q.row_stride, dO.row_stride, O.row_stride,
+                                  dQ.row_stride, lse_data + (b_ * Hq + h) * n + i};
+        prefix_backward_rows(prefix.rows_of(bh), rows, K_parts.row(bh, slice, 0),
+                             V_parts.row(bh, slice, 0), count);
+      });
+    }
+  });
+  const auto per_example = [&](const at::Tensor& parts) {
+    return (slices == 1 ? parts.squeeze(1) : parts.sum(1)).view({B, Hkv, m, d});
+  };
+  if (grad_k != nullptr) *grad_k = per_example(k_parts);
+  if (grad_v != nullptr) *grad_v = per_example(v_parts);
+  return true;
+}
+
 constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge,
-                                             kCpuRows};
+                                             kCpuRows, &fused_prefix_forward,
+                                             &fused_prefix_backward};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

@@ -40,7 +40,13 @@ def providers_for(case: PrefixCase) -> list[Provider]:
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=case.device, dtype=case.dtype).requires_grad_(True)
 
-    q, k, v = leaf(B, H, n, d), leaf(B, H, n, d), leaf(B, H, n, d)
+    # q, k and v as attention layers get them: projections' [B, n, H, d] memory seen as
+    # [B, H, n, d] (a transposed view, taken inside each forward so it is part of the graph).
+    q_mem, k_mem, v_mem = leaf(B, n, H, d), leaf(B, n, H, d), leaf(B, n, H, d)
+
+    def qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return q_mem.transpose(1, 2), k_mem.transpose(1, 2), v_mem.transpose(1, 2)
+
     prefix_k, prefix_v = leaf(H, m, d), leaf(H, m, d)
     # The concatenation baseline's mask [n, m + n]: every query sees the prefix, and the
     # sequence causally. Built once, outside the timed region (in its favour).
@@ -49,16 +55,17 @@ def providers_for(case: PrefixCase) -> list[Provider]:
         keep[:, m:] = torch.ones(n, n, dtype=torch.bool, device=case.device).tril()
 
     def concat_sdpa() -> torch.Tensor:
+        q, k, v = qkv()
         k_ext = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
         v_ext = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
         return sdpa(q, k_ext, v_ext, attn_mask=keep)
 
     # The prefix rows are parameters; q, k and v are activations of the layer before.
-    prefix, inputs = [prefix_k, prefix_v], [q, k, v]
+    prefix, inputs = [prefix_k, prefix_v], [q_mem, k_mem, v_mem]
     return [
-        Provider("no-prefix", lambda: sdpa(q, k, v, is_causal=case.causal), [], inputs),
+        Provider("no-prefix", lambda: sdpa(*qkv(), is_causal=case.causal), [], inputs),
         Provider("concat+sdpa", concat_sdpa, prefix, inputs),
-        Provider("peftkern", lambda: peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal), prefix, inputs),
+        Provider("peftkern", lambda: peftkern.prefix_attention(*qkv(), prefix_k, prefix_v, causal=case.causal), prefix, inputs),
     ]
 
 
