@@ -1,7 +1,7 @@
 """Drop-in integrations with Hugging Face `transformers` and `peft`.
 
 `inject_lora` turns a plain model into a LoRA model, `patch_peft` speeds up a model built by
-`peft` in place, `save_adapter`/`load_adapter` speak peft's file format, `merge_and_unload`
+`peft` (LoRA or prefix tuning) in place, `save_adapter`/`load_adapter` speak peft's file format, `merge_and_unload`
 returns to plain nn.Linear layers. `peft` itself is only imported by `patch_peft`.
 """
 

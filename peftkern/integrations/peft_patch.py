@@ -1,4 +1,6 @@
-"""patch_peft: run a `peft` LoRA model's Linear layers through peftkern's fused op, in place.
+"""patch_peft: run a `peft` model through peftkern's kernels, in place. The entry point:
+LoRA models are handled here (their Linear layers run the fused op), prefix-tuning models in
+`peft_patch_prefix` (the prefix goes to the concat-free prefix attention).
 
 Only the forward method of each covered layer is swapped (an instance attribute shadowing the
 class method); parameters, module tree, state_dict keys and save_pretrained/from_pretrained
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkern.functional import lora_linear
+from peftkern.integrations import peft_patch_prefix
 
 
 @dataclass
@@ -26,6 +29,7 @@ class PatchReport:
 
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    method: str = "LoRA"  # what the patched layers run: "LoRA", or "prefix-attention" for prefix tuning
 
     @property
     def num_patched(self) -> int:
@@ -36,7 +40,7 @@ class PatchReport:
         return len(self.skipped)
 
     def __str__(self) -> str:
-        lines = [f"peftkern: patched {self.num_patched} LoRA layers, skipped {self.num_skipped}"]
+        lines = [f"peftkern: patched {self.num_patched} {self.method} layers, skipped {self.num_skipped}"]
         reasons: dict[str, int] = {}
         for reason in self.skipped.values():
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -154,11 +158,21 @@ def _is_patched(module: nn.Module) -> bool:
 
 
 def patch_peft(peft_model: nn.Module) -> PatchReport:
-    """Switches every LoRA Linear layer of a `peft` model to peftkern's fused op in place.
+    """Switches a `peft` model to peftkern's kernels in place.
+
+    LoRA: every LoRA Linear layer runs peftkern's fused op. Prefix tuning (a CAUSAL_LM
+    PeftModel of a Llama, Mistral or Qwen2 model): the prefix rows from peft's prompt encoder
+    go to peftkern's prefix attention instead of a KV cache (see `peft_patch_prefix`).
 
     Returns a PatchReport: layers patched, and layers left on peft's forward with the reason
     (DoRA and other variants, quantized or non-Linear bases, lora_bias, merged layers, several
-    active adapters, ...). Calling it again is harmless; `unpatch_peft` undoes it."""
+    active adapters, ...; for prompt learning the whole model, keyed ``prompt_encoder.<adapter>``:
+    other prompt-learning methods, other model families or tasks, several adapters, ...).
+    Calling it again is harmless; `unpatch_peft` undoes it."""
+    if peft_patch_prefix.is_prompt_learning(peft_model):
+        report = PatchReport(method="prefix-attention")
+        peft_patch_prefix.patch_prefix(peft_model, report)
+        return report
     linear_cls = _peft_lora_linear_class()
     report = PatchReport()
     for name, module in peft_model.named_modules():
@@ -178,7 +192,7 @@ def patch_peft(peft_model: nn.Module) -> PatchReport:
 
 def unpatch_peft(peft_model: nn.Module) -> int:
     """Restores peft's forward on every layer patch_peft switched; returns how many."""
-    restored = 0
+    restored = peft_patch_prefix.unpatch_prefix(peft_model)
     for module in peft_model.modules():
         if _is_patched(module):
             del module.forward

@@ -37,7 +37,7 @@ class _PrefixRows:
         self.layers: list[tuple[Tensor, Tensor]] | None = None
 
 
-def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int) -> Tensor | None:
+def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int, who: str = "inject_prefix") -> Tensor | None:
     """transformers' 4-D mask [B, 1|H, n, n] (bool True = attend, or additive float) as
     peftkern's key padding mask [B, n] (True = keep). Only padding (plus the causal triangle
     when `causal`) can be expressed that way; any other pattern is refused rather than
@@ -46,7 +46,7 @@ def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int) -> Tensor
     if attention_mask is None:
         return None
     if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (n, n):
-        raise ValueError(f"peftkern: inject_prefix: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]")
+        raise ValueError(f"peftkern: {who}: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]")
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
     keep = allowed.any(dim=1).any(dim=1)  # a key is padding when no query may attend to it
     expected = keep[:, None, None, :]
@@ -54,7 +54,7 @@ def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int) -> Tensor
         expected = expected & torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
     if ((allowed != expected) & keep[:, None, :, None]).any():
         raise ValueError(
-            "peftkern: inject_prefix: the attention mask is not a padding mask"
+            f"peftkern: {who}: the attention mask is not a padding mask"
             + (" plus the causal triangle" if causal else "")
             + " (packed sequences, sliding windows or custom masks are not supported)"
         )
@@ -78,21 +78,39 @@ def peftkern_prefix_attention(
             f"peftkern: {type(module).__name__} runs the peftkern_prefix attention but has no prefix rows; "
             "call the model inject_prefix was given (its pre-hook computes the rows)"
         )
-    n = query.shape[2]
-    if key.shape[2] != n:
-        raise NotImplementedError(
-            f"peftkern: inject_prefix covers self-attention over the current tokens only (training, scoring); "
-            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention)"
-        )
     if dropout > 0.0 and module.training:
         # The fused kernel has no attention-probability dropout; say so rather than pretend.
         warnings.warn("peftkern: inject_prefix does not apply attention dropout", stacklevel=2)
+    prefix_k, prefix_v = rows.layers[module.layer_idx]
+    return attend_with_prefix(module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs)
+
+
+def attend_with_prefix(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+    who: str = "inject_prefix",
+) -> tuple[Tensor, None]:
+    """Self-attention of one layer over its prefix rows ``[Hkv, m, d]`` and the current tokens,
+    with transformers' mask converted to a key padding mask; the output in transformers' layout
+    ``[B, n, Hq, d]``. Shared by inject_prefix and patch_peft (`who` names the caller in errors)."""
+    n = query.shape[2]
+    if key.shape[2] != n:
+        raise NotImplementedError(
+            f"peftkern: {who} covers self-attention over the current tokens only (training, scoring); "
+            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention)"
+        )
     # As transformers' SDPA path: a call's is_causal wins, then the module's (decoders: True).
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    prefix_k, prefix_v = rows.layers[module.layer_idx]
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-        key_padding_mask=_padding_mask(attention_mask, causal, n), scale=scaling,
+        key_padding_mask=_padding_mask(attention_mask, causal, n, who), scale=scaling,
     )
     return out.transpose(1, 2).contiguous(), None
 

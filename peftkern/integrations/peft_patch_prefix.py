@@ -1,0 +1,284 @@
+"""patch_peft for `peft` prefix-tuning models: the prefix rows go to peftkern's concat-free
+attention instead of into a KV cache.
+
+peft's ``PeftModelForCausalLM.forward`` evaluates its prompt encoder, repeats the result for
+every example, wraps it in a ``DynamicCache`` as ``past_key_values`` and widens the attention
+mask by ``m`` columns; every layer then concatenates ``[P_K; K]``, ``[P_V; V]``. Patched, the
+forward (an instance attribute shadowing the class method, as for LoRA layers) evaluates the
+same prompt encoder once per call (no batch copy), passes the rows of every layer to the base
+model as a keyword argument that transformers carries down to each attention call (and into
+gradient checkpointing's recomputation), and the base model's attention implementation,
+switched to ``"peftkern_peft_prefix"``, consumes them with `prefix_attention`. Positions are
+shifted by ``m`` exactly as the cache would shift them. A call without the rows (peft's own
+forward, ``generate``, ``disable_adapter``) runs transformers' SDPA function with SDPA's mask,
+unchanged. Parameters, module tree, state_dict keys and save_pretrained/from_pretrained stay
+exactly peft's.
+
+The swapped forward re-checks on every call what it covers and hands anything else to peft's
+forward (with a warning naming the reason): a requested KV cache (``use_cache=True``, a cache
+passed in), ``output_attentions=True``, 4-D attention masks, attention dropout in training,
+several adapters. Unlike peft's forward, a patched call returns no KV cache (``cache`` is
+None): peft's forward replaces any cache passed to it anyway, so continuing from one goes
+through ``generate``, which never runs this forward.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkern.integrations.prefix import attend_with_prefix
+
+ATTENTION_NAME = "peftkern_peft_prefix"
+ROWS_KWARG = "peftkern_prefix_rows"
+WHO = "patch_peft (prefix tuning)"
+
+# Decoder families whose attention layers were checked to hand their keyword arguments to the
+# attention function, to take position_ids for their rotary embedding, and whose peft prefix
+# is a plain DynamicCache (no post-processing); the tests compare each with peft.
+COVERED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The attention implementation the patched model falls back to when a call carries no rows.
+ORIGINAL_ATTENTION = "sdpa"
+# Arguments that make peft's forward do something this forward does not reproduce.
+_CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_position")
+
+
+def _attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention function registered as ``"peftkern_peft_prefix"``: prefix attention when
+    the call carries the prefix rows (a patched forward), transformers' SDPA otherwise."""
+    rows = kwargs.pop(ROWS_KWARG, None)
+    if rows is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout > 0.0:
+        # The patched forward hands training with attention dropout to peft; this is a bug.
+        raise RuntimeError(f"peftkern: {WHO}: attention dropout {dropout} reached the prefix attention")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError(f"peftkern: {WHO}: sliding-window attention reached the prefix attention")
+    prefix_k, prefix_v = (t.to(query.device) for t in rows[module.layer_idx])  # layers may sit on other devices
+    return attend_with_prefix(module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    # The same boolean masks as SDPA: the fallback gets exactly what SDPA would, and the prefix
+    # path converts them to a key padding mask.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _peft_classes() -> tuple[type, Any]:
+    try:
+        from peft import PeftModelForCausalLM
+        from peft.utils import PeftType
+    except ImportError as exc:
+        raise ImportError("peftkern: patch_peft needs the `peft` package (pip install peft)") from exc
+    return PeftModelForCausalLM, PeftType
+
+
+def is_prompt_learning(peft_model: nn.Module) -> bool:
+    """Whether patch_peft should hand `peft_model` to this module (a peft prompt-learning model)."""
+    configs = getattr(peft_model, "peft_config", None)
+    return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+
+
+def report_key(peft_model: nn.Module) -> str:
+    """The name a whole prefix-tuning model is reported under when it is skipped."""
+    return f"prompt_encoder.{getattr(peft_model, 'active_adapter', 'default')}"
+
+
+def _attention_layers(base: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]] | str:
+    found = [
+        (name, m) for name, m in base.named_modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and isinstance(getattr(m, "q_proj", None), nn.Module)
+    ]
+    indices = sorted(m.layer_idx for _, m in found)
+    if indices != list(range(num_layers)):
+        return f"expected one self-attention module (q_proj, layer_idx) per layer 0..{num_layers - 1}, found layer indices {indices}"
+    return found
+
+
+def _static_reason(peft_model: nn.Module) -> str | None:
+    """Why peftkern can never run this model's prefix (checked once, at patch time)."""
+    causal_lm_cls, peft_type = _peft_classes()
+    configs = peft_model.peft_config
+    if len(configs) != 1:
+        return f"{len(configs)} adapters (peftkern covers a model with exactly one prefix-tuning adapter)"
+    config = peft_model.active_peft_config
+    if config.peft_type != peft_type.PREFIX_TUNING:
+        return f"peft type {config.peft_type.value} (peftkern covers LoRA and prefix tuning)"
+    if type(peft_model) is not causal_lm_cls:
+        return f"{type(peft_model).__name__} (task {config.task_type}); peftkern covers prefix tuning of CAUSAL_LM models (PeftModelForCausalLM)"
+    if config.num_transformer_submodules != 1:
+        return f"num_transformer_submodules={config.num_transformer_submodules} (encoder-decoder)"
+    base = peft_model.get_base_model()
+    model_config = base.config
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in COVERED_MODEL_TYPES:
+        return f"model type {model_type!r} (peftkern's prefix path is verified for {', '.join(COVERED_MODEL_TYPES)})"
+    implementation = model_config._attn_implementation
+    if implementation != ORIGINAL_ATTENTION:
+        return f"attention implementation {implementation!r} (peftkern's prefix path takes over from {ORIGINAL_ATTENTION!r} only)"
+    window = getattr(model_config, "sliding_window", None)
+    if window is not None and getattr(model_config, "use_sliding_window", True):
+        return f"sliding-window attention (sliding_window={window}): the prefix would leave the window"
+    if set(getattr(model_config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+        return f"layer types {sorted(set(model_config.layer_types))} (not all full attention)"
+    num_layers = model_config.num_hidden_layers
+    num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    heads = config.num_attention_heads
+    if (config.num_layers, heads, config.token_dim) != (num_layers, num_kv_heads, num_kv_heads * head_dim):
+        return (
+            f"prefix shaped for {config.num_layers} layers x {heads} heads x token_dim {config.token_dim}, "
+            f"model has {num_layers} layers x {num_kv_heads} key/value heads x head_dim {head_dim}"
+        )
+    layers = _attention_layers(base, num_layers)
+    if isinstance(layers, str):
+        return layers
+    return None
+
+
+def _call_reason(model: nn.Module, attention_mask: Tensor | None, output_attentions: bool | None, kwargs: dict) -> str | None:
+    """Why this call must go to peft's forward."""
+    if len(model.peft_config) != 1 or model.active_adapter != model.__dict__["_peftkern_prefix_adapter"]:
+        return "the adapters changed since patching (peftkern covers exactly one prefix-tuning adapter)"
+    if model.get_base_model().config._attn_implementation != ATTENTION_NAME:
+        return "the base model's attention implementation was changed after patching"
+    if kwargs.get("use_cache"):
+        return "use_cache=True (a KV cache holding the prefix was asked for)"
+    for name in _CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return f"{name} passed (KV cache)"
+    if output_attentions:
+        return "output_attentions=True (the fused attention returns no attention weights)"
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return f"a {attention_mask.dim()}-D attention mask (peftkern takes a 2-D padding mask)"
+    dropout = getattr(model.get_base_model().config, "attention_dropout", 0.0) or 0.0
+    if model.training and dropout > 0.0:
+        return f"attention dropout {dropout} in training (the fused attention has none)"
+    return None
+
+
+def prefix_rows(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Every layer's ``(P_K, P_V)``, each ``[num_kv_heads, m, head_dim]``, from peft's prompt
+    encoder exactly as peft's ``get_prompt`` computes them, once for the whole batch."""
+    adapter = model.active_adapter
+    config = model.peft_config[adapter]
+    encoder = model.prompt_encoder[adapter]
+    m, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    if config.inference_mode:  # peft keeps the encoder's output as its embedding table then
+        flat = encoder.embedding.weight
+    else:
+        tokens = model.prompt_tokens[adapter][:m].to(encoder.embedding.weight.device)
+        flat = encoder(tokens)  # [m, layers·2·token_dim]
+    dtype = model.base_model_torch_dtype
+    if dtype is not None:
+        flat = flat.to(dtype)
+    rows = flat.view(m, layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)  # [2·layers, H, m, d]
+    return [(rows[2 * layer], rows[2 * layer + 1]) for layer in range(layers)]
+
+
+def _prefix_forward(
+    self: nn.Module,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    inputs_embeds: Tensor | None = None,
+    labels: Tensor | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+    task_ids: Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    reason = _call_reason(self, attention_mask, output_attentions, kwargs)
+    if reason is not None:
+        # Not silent: this call computes prefix tuning, through peft's cache. Python's warning
+        # filter shows each reason once.
+        warnings.warn(f"peftkern: a patched prefix-tuning model runs peft's forward: {reason}", stacklevel=2)
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids, **kwargs,
+        )
+    config = self.active_peft_config
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is None:
+        raise ValueError("peftkern: you must specify exactly one of input_ids or inputs_embeds")
+    # peft's own adjustments: position_ids shifted by m, token_type_ids dropped (with its warnings).
+    self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
+    if kwargs.get("position_ids") is None:
+        # What the base model derives from a cache holding the m prefix rows.
+        m, n = config.num_virtual_tokens, tokens.shape[1]
+        kwargs["position_ids"] = torch.arange(m, m + n, device=tokens.device).unsqueeze(0)
+    kwargs.pop("use_cache", None)
+    kwargs[ROWS_KWARG] = prefix_rows(self)
+    return self.base_model(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        use_cache=False, **kwargs,
+    )
+
+
+def is_patched(peft_model: nn.Module) -> bool:
+    forward = peft_model.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _prefix_forward
+
+
+def patch_prefix(peft_model: nn.Module, report: Any) -> None:
+    """patch_peft for a peft prompt-learning model: fills `report` (the attention layers that
+    now take the prefix, or the whole model skipped with the reason)."""
+    if is_patched(peft_model):
+        report.patched += peft_model.__dict__["_peftkern_prefix_layers"]
+        return
+    if "forward" in peft_model.__dict__:
+        report.skipped[report_key(peft_model)] = "forward already replaced on the instance (e.g. inside disable_adapter)"
+        return
+    reason = _static_reason(peft_model)
+    if reason is not None:
+        report.skipped[report_key(peft_model)] = reason
+        return
+    base = peft_model.get_base_model()
+    layers = _attention_layers(base, base.config.num_hidden_layers)
+    _register()
+    base.set_attn_implementation(ATTENTION_NAME)
+    if base.config._attn_implementation != ATTENTION_NAME:
+        base.set_attn_implementation(ORIGINAL_ATTENTION)
+        report.skipped[report_key(peft_model)] = f"{type(base).__name__} does not use transformers' attention interface"
+        return
+    names = [f"base_model.{name}" for name, _ in layers]
+    # Plain attributes (not modules or tensors): nothing enters the state_dict.
+    peft_model.__dict__["_peftkern_prefix_adapter"] = peft_model.active_adapter
+    peft_model.__dict__["_peftkern_prefix_layers"] = names
+    peft_model.forward = types.MethodType(_prefix_forward, peft_model)
+    report.patched += names
+
+
+def unpatch_prefix(peft_model: nn.Module) -> int:
+    """Restores peft's forward and the base model's SDPA attention; returns how many attention
+    layers took the prefix (0 when `peft_model` was not patched)."""
+    if not is_patched(peft_model):
+        return 0
+    del peft_model.forward
+    del peft_model.__dict__["_peftkern_prefix_adapter"]
+    names = peft_model.__dict__.pop("_peftkern_prefix_layers")
+    base = peft_model.get_base_model()
+    if base.config._attn_implementation == ATTENTION_NAME:
+        base.set_attn_implementation(ORIGINAL_ATTENTION)
+    return len(names)
