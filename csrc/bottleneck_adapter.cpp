@@ -63,14 +63,6 @@ at::Tensor up_weight(const at::Tensor& w_up, const c10::optional<at::Tensor>& b_
   return (w.to(scale.scalar_type()) * scale).to(w_up.scalar_type());
 }
 
-// Calls body(first_row, rows) for the device's row blocks of [0, M).
-template <typename F>
-void for_each_block(const AdapterKernels& kernels, int64_t M, int64_t d, int64_t element_size,
-                    F&& body) {
-  const int64_t step = std::max<int64_t>(1, kernels.block_rows(M, d, element_size));
-  for (int64_t first = 0; first < M; first += step) body(first, std::min(step, M - first));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
@@ -82,25 +74,14 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
   check_adapter_args(h, w_down, b_down, w_up, b_up, scaling_vector, residual);
   const int64_t r = w_down.size(0), d = w_down.size(1);
   const at::Tensor h2 = rows_of(h, d);
-  const at::Tensor res2 = given(residual) ? rows_of(*residual, d) : h2;
-  const int64_t M = h2.size(0);
+  const at::Tensor Z = given(b_down) ? at::addmm(*b_down, h2, w_down.t()) : at::mm(h2, w_down.t());
   // a = scaling·[act(Z) | 1]: the last column carries b_up through the up GEMM.
-  at::Tensor Z = at::empty({M, r}, h.options());
-  at::Tensor a = at::empty({M, r + (given(b_up) ? 1 : 0)}, h.options());
-  at::Tensor out = at::empty({M, d}, h.options());
+  at::Tensor a = at::empty({h2.size(0), r + (given(b_up) ? 1 : 0)}, h.options());
+  kernels.activate(Z, kind, scaling, a);
+  // out = residual + a·([W_up | b_up] ⊙ s)ᵀ: one GEMM with beta = 1 on the residual.
   const at::Tensor w = up_weight(w_up, b_up, channel_scale(scaling_vector));
-  for_each_block(kernels, M, d, h.element_size(), [&](int64_t first, int64_t rows) {
-    const auto block = [&](const at::Tensor& t) { return t.narrow(0, first, rows); };
-    at::Tensor Zb = block(Z), ab = block(a), outb = block(out);
-    if (given(b_down)) {
-      at::addmm_out(Zb, *b_down, block(h2), w_down.t());
-    } else {
-      at::mm_out(Zb, block(h2), w_down.t());
-    }
-    kernels.activate(Zb, kind, scaling, ab);
-    // out = residual + a·([W_up | b_up] ⊙ s)ᵀ: one GEMM with beta = 1 on the residual.
-    at::addmm_out(outb, block(res2), ab, w.t());
-  });
+  const at::Tensor res2 = given(residual) ? rows_of(*residual, d) : h2;
+  const at::Tensor out = at::addmm(res2, a, w.t());
   return {out.view(h.sizes()), Z};
 }
 
@@ -134,65 +115,33 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
   // a = scaling·[act(Z) | 1], regenerated from Z (the M×r bottleneck is all that was saved).
   at::Tensor a = need_G ? at::empty({Z2.size(0), r + (ones_column ? 1 : 0)}, h.options())
                         : at::Tensor();
-  const int64_t M = g2.size(0);
-  at::Tensor dZ = need_dZ ? at::empty({M, r}, h.options()) : at::Tensor();
-  at::Tensor dh = need_dh ? at::empty({M, d}, h.options()) : unneeded_grad(h);
-  // Sums over the row blocks below (all zero when there are no rows).
-  const auto block_sum = [&](at::IntArrayRef shape) {
-    return M == 0 ? at::zeros(shape, h.options()) : at::empty(shape, h.options());
-  };
-  at::Tensor dWd = need_dWd ? block_sum({r, d}) : unneeded_grad(w_down);
   // The up-side gradients come from GEMMs over g against a = scaling·[act(Z) | 1]:
   //   G_s = (g ⊙ s)ᵀ·a, whose columns are dW_up and db_up, and
-  //   G   = gᵀ·a for the learned scale's gradient (G_s itself when there is no learned s).
+  //   G   = gᵀ·a for the gradient of the learned scale (only asked for when there is one).
   // g ⊙ s is rounded elementwise before the GEMM, as in plain PyTorch; scaling G afterwards
   // would round the summed gradient twice, which in bf16/fp16 doubles its error.
   const bool learned = scale.defined();
-  const bool need_Gs = need_dWu || need_dbu, need_G_plain = need_ds && learned;
-  at::Tensor G_s = need_Gs ? block_sum({d, a.size(1)}) : at::Tensor();
-  at::Tensor G = need_G_plain ? block_sum({d, a.size(1)}) : G_s;
-  const at::Tensor h2 = need_dWd ? rows_of(h, d) : at::Tensor();
-  for_each_block(kernels, M, d, h.element_size(), [&](int64_t first, int64_t rows) {
-    const auto block = [&](const at::Tensor& t) {
-      return t.defined() ? t.narrow(0, first, rows) : t;
-    };
-    const at::Tensor gb = block(g2), Zb = block(Z2);
-    // g ⊙ s costs a pass over g, but folding s into W_up instead would round that weight once
-    // for all rows: an error that adds up coherently in dW_down and db_down in bf16/fp16.
-    const at::Tensor gsb = learned && (need_dZ || need_Gs)
-                               ? gb * scale.squeeze(1).to(gb.scalar_type())
-                               : gb;
-    at::Tensor ab = block(a), dZb = block(dZ);
-    if (need_dZ) {
-      // dA = (g ⊙ s)·W_up, then dZ = scaling·dA ⊙ act'(Z) in place, producing a on the way.
-      at::mm_out(dZb, gsb, w_up);
-      kernels.activate_backward(Zb, dZb, kind, scaling, ab);
-    } else if (need_G) {
-      kernels.activate(Zb, kind, scaling, ab);
-    }
-    if (need_dh) {
-      // dh = g (the residual path) + dZ·W_down as one GEMM with beta = 1.
-      at::Tensor dhb = block(dh);
-      if (residual_is_h) {
-        at::addmm_out(dhb, gb, dZb, w_down);
-      } else {
-        at::mm_out(dhb, dZb, w_down);
-      }
-    }
-    // The weight gradients sum over blocks: the first block's product is written (exactly
-    // the single GEMM of an unblocked device), the others are added to it.
-    const auto accumulate = [&](at::Tensor& sum, const at::Tensor& lhs, const at::Tensor& rhs) {
-      if (first == 0) {
-        at::mm_out(sum, lhs, rhs);
-      } else {
-        sum.addmm_(lhs, rhs);
-      }
-    };
-    if (need_dWd) accumulate(dWd, dZb.t(), block(h2));
-    if (need_Gs) accumulate(G_s, gsb.t(), ab);
-    if (need_G_plain) accumulate(G, gb.t(), ab);
-  });
-  if (need_dh) dh = dh.view(h.sizes());
+  const bool need_Gs = need_dWu || need_dbu;
+  // g ⊙ s costs a pass over g, but folding s into W_up instead would round that weight once
+  // for all rows: an error that adds up coherently in dW_down and db_down in bf16/fp16.
+  const at::Tensor gs =
+      learned && (need_dZ || need_Gs) ? g2 * scale.squeeze(1).to(g2.scalar_type()) : g2;
+  at::Tensor dZ;
+  if (need_dZ) {
+    // dA = (g ⊙ s)·W_up, then dZ = scaling·dA ⊙ act'(Z) in place, producing a on the way.
+    dZ = at::mm(gs, w_up);
+    kernels.activate_backward(Z2, dZ, kind, scaling, a);
+  } else if (need_G) {
+    kernels.activate(Z2, kind, scaling, a);
+  }
+  at::Tensor dh = unneeded_grad(h);
+  if (need_dh) {
+    // dh = g (the residual path) + dZ·W_down as one GEMM with beta = 1.
+    dh = (residual_is_h ? at::addmm(g2, dZ, w_down) : at::mm(dZ, w_down)).view(h.sizes());
+  }
+  const at::Tensor dWd = need_dWd ? at::mm(dZ.t(), rows_of(h, d)) : unneeded_grad(w_down);
+  const at::Tensor G_s = need_Gs ? at::mm(gs.t(), a) : at::Tensor();
+  const at::Tensor G = need_ds ? at::mm(g2.t(), a) : at::Tensor();
   const at::Tensor dbd = need_dbd ? dZ.sum(0) : unneeded_grad(w_down);
   const at::Tensor dWu = need_dWu ? G_s.narrow(1, 0, r).contiguous() : unneeded_grad(w_up);
   const at::Tensor dbu = need_dbu ? G_s.select(1, r).contiguous() : unneeded_grad(w_up);

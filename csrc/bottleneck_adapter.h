@@ -6,8 +6,8 @@
 // into them: b_down is the beta term of the down GEMM; b_up rides along as an extra column
 // ([a | 1]·[W_up | b_up]ᵀ); the float scaling is applied by the activation pass to the tiny
 // M×(r+1) bottleneck (so every M×d result is rounded once); the learned scaling is folded into
-// the tiny [d, r+1] up weight; and the residual is the GEMM's beta = 1 term. The elementwise
-// pass over the M×r bottleneck and the row blocking differ per device (`AdapterKernels`).
+// the tiny [d, r+1] up weight; and the residual is the GEMM's beta = 1 term. Only the
+// elementwise pass over the M×r bottleneck differs per device, supplied as `AdapterKernels`.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,11 +28,6 @@ struct AdapterKernels {
   // (Z is read once for both).
   void (*activate_backward)(const at::Tensor& Z, at::Tensor& dA, Activation activation,
                             double scale, at::Tensor& a);
-  // Rows per block (0: all rows at once). Forward and backward run their GEMMs and passes
-  // block by block: on a CPU a block of h (or grad_out) read by the first GEMM is still in
-  // cache for the residual and the other GEMMs that read it, so it comes from memory once.
-  // A GPU wants the whole matrix in one GEMM instead.
-  int64_t (*block_rows)(int64_t rows, int64_t hidden, int64_t element_size);
 };
 
 // Returns (out, Z) with Z = h·W_downᵀ + b_down, the [M, r] pre-activation autograd saves.

@@ -27,15 +27,7 @@ void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activatio
   });
 }
 
-// Blocks of h (or grad_out) of about 1 MiB, which stay in the L2 cache between the GEMMs that
-// read them. float32 and float64 only: the weight gradients accumulate over the blocks in the
-// weights' dtype, which in bf16/fp16 would round once per block, so those run as one block.
-int64_t block_rows(int64_t rows, int64_t hidden, int64_t element_size) {
-  if (element_size < 4) return rows;
-  return std::max<int64_t>(64, (1 << 20) / std::max<int64_t>(1, hidden * element_size));
-}
-
-constexpr AdapterKernels kCpuKernels{&activate, &activate_backward, &block_rows};
+constexpr AdapterKernels kCpuKernels{&activate, &activate_backward};
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cpu(
     const at::Tensor& h, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,

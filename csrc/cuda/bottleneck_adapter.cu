@@ -104,10 +104,7 @@ void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activatio
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One block: a GPU runs each GEMM over all rows at once.
-int64_t block_rows(int64_t rows, int64_t /*hidden*/, int64_t /*element_size*/) { return rows; }
-
-constexpr AdapterKernels kCudaKernels{&activate, &activate_backward, &block_rows};
+constexpr AdapterKernels kCudaKernels{&activate, &activate_backward};
 
 std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_cuda(
     const at::Tensor& h, const at::Tensor& w_down, const c10::optional<at::Tensor>& b_down,
