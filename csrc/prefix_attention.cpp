@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
                        kernels.fused_prefix_forward(qc, pk, pv, out, lse, scale);
     if (!fused) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
   }
-  return {in_layout_of(out, q), lse};
+  return {in_heads_layout(out, q), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
@@ -205,11 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
     if (need_dpv) dpv = at::zeros_like(prefix_v);
   }
 
-  // In the layout of their inputs, like the fake kernel promises (no copy when the device's
-  // kernel already produced it, as the CPU one does for the [B, n, H, d] memory of models).
-  return {need_dq ? in_layout_of(dq, q) : unneeded_grad(q),
-          need_dk ? in_layout_of(dk, k) : unneeded_grad(k),
-          need_dv ? in_layout_of(dv, v) : unneeded_grad(v),
+  // In the layout the fake kernel promises (no copy when the device's kernel already produced
+  // it, as the CPU one does).
+  return {need_dq ? in_heads_layout(dq, q) : unneeded_grad(q),
+          need_dk ? in_heads_layout(dk, k) : unneeded_grad(k),
+          need_dv ? in_heads_layout(dv, v) : unneeded_grad(v),
           need_dpk ? dpk : unneeded_grad(prefix_k),
           need_dpv ? dpv : unneeded_grad(prefix_v)};
 }

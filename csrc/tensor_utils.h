@@ -18,11 +18,13 @@ inline at::Tensor unneeded_grad(const at::Tensor& like) {
   return at::empty({0}, like.options());
 }
 
-// t with like's dtype and the memory layout at::empty_like(like) gives (like's strides when
-// it is dense, which is what the fake kernels promise): t itself when it already has both,
-// otherwise a copy.
-inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  at::Tensor result = at::empty_like(like);
+// t ([B, H, n, d]) with like's dtype in the memory layout of [B, n, H, d] seen transposed:
+// what attention layers get from their projections and give back to them, so neither side
+// copies. A fixed layout, whatever the input strides, because compilers assume it from the
+// fake kernel. t itself when it already has both.
+inline at::Tensor in_heads_layout(const at::Tensor& t, const at::Tensor& like) {
+  at::Tensor result =
+      at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, like.options()).transpose(1, 2);
   if (t.scalar_type() == like.scalar_type() && t.strides() == result.strides()) return t;
   return result.copy_(t);
 }

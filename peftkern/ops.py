@@ -182,6 +182,14 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _heads_layout(like: Tensor) -> Tensor:
+    """An empty [B, H, n, d] tensor over [B, n, H, d] memory: the layout attention layers get
+    from their projections and hand back to them, so out and the gradients cost no copy there.
+    Fixed whatever the input strides, since compilers plan buffers from it."""
+    B, H, n, d = like.shape
+    return like.new_empty((B, n, H, d)).transpose(1, 2)
+
+
 @torch.library.register_fake("peftkern::prefix_attention")
 def _prefix_attention_fake(
     q: Tensor,
@@ -197,8 +205,7 @@ def _prefix_attention_fake(
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "peftkern: q.shape[1] must be a multiple of k.shape[1]")
     torch._check(k.shape[3] == q.shape[3], lambda: "peftkern: k.shape[3] must equal q.shape[3] (head_dim)")
     torch._check(prefix_k.shape[-1] == q.shape[3], lambda: "peftkern: prefix_k.shape[-1] must equal q.shape[3] (head_dim)")
-    # out has q's memory layout (the [B, n, H, d] memory of a model's projections stays so).
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return _heads_layout(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.register_fake("peftkern::prefix_attention_backward")
@@ -216,8 +223,8 @@ def _prefix_attention_backward_fake(
     scale: float,
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # dq, dk, dv have their input's memory layout; the prefix gradients are contiguous.
-    q_grads = tuple(torch.empty_like(t) if needed else t.new_empty((0,)) for needed, t in zip(output_mask, (q, k, v)))
+    # dq, dk, dv in the heads layout like out; the prefix gradients are contiguous.
+    q_grads = tuple(_heads_layout(t) if needed else t.new_empty((0,)) for needed, t in zip(output_mask, (q, k, v)))
     prefix_grads = tuple(
         _grad_or_empty(needed, t, t.shape, t.dtype) for needed, t in zip(output_mask[3:], (prefix_k, prefix_v))
     )
