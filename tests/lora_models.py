@@ -1,9 +1,12 @@
-"""Tiny transformers models and helpers to compare peftkern LoRA with the `peft` library."""
+"""Tiny transformers models and helpers to compare peftkern LoRA with the `peft` library, and
+to build a tiny Llama with each peftkern method injected."""
 
 from __future__ import annotations
 
 import copy
 import os
+from functools import partial
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models from configs; never download
 
@@ -34,6 +37,32 @@ def tiny_bert(seed: int = 0) -> BertModel:
     return BertModel(config).eval()
 
 
+# Every peftkern method on a tiny Llama, for tests that must hold for each of them alike.
+INJECT: dict[str, Callable[..., object]] = {
+    "lora": partial(peftkern.inject_lora, target_modules=("q_proj", "v_proj"), r=4, lora_alpha=8),
+    "houlsby": partial(peftkern.inject_adapters, config="houlsby"),
+    "pfeiffer": partial(peftkern.inject_adapters, config="pfeiffer"),
+    "prefix": partial(peftkern.inject_prefix, num_virtual_tokens=4),
+    "prefix-mlp": partial(peftkern.inject_prefix, num_virtual_tokens=4, projection_hidden=16),
+}
+
+
+def tiny_llama_with(method: str, std: float = 0.1, seed: int = 11, **options: object) -> LlamaForCausalLM:
+    """A tiny Llama in training mode with `method` (a key of INJECT, called with `options` too)
+    injected and every trainable parameter shifted by seeded N(0, std²) noise: zero lora_B, zero
+    adapter biases and near-identity adapters would make some gradients vanish or trivial. Two
+    calls build equal models (an inject_prefix model cannot be deep-copied: its pre-hook closes
+    over the original)."""
+    model = tiny_llama()
+    INJECT[method](model, **options)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=std)
+    return model.train()
+
+
 def tokens(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -55,13 +84,13 @@ def peft_lora(base: nn.Module, target_modules, r: int = 4, lora_alpha: float = 8
 def lora_factors(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """LoRA factors (or their grads) keyed `<module path>.lora_A|lora_B` for a peft or an
     injected model alike, so the two can be compared key by key."""
-    out = {}
-    for name, p in model.named_parameters():
-        if "lora_" not in name:
-            continue
-        key = name.removeprefix("base_model.model.").replace(".default.weight", "")
-        out[key] = p.grad if grads else p.detach()
-    return out
+    return {common_key(name): p.grad if grads else p.detach() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def common_key(name: str) -> str:
+    """A parameter name without peft's wrapping (``base_model.model.`` and ``.default.weight``):
+    a peft model and an injected one name the same LoRA factor alike."""
+    return name.removeprefix("base_model.model.").replace(".default.weight", "")
 
 
 def injected_like(base: nn.Module, peft_model: nn.Module, target_modules, **kwargs) -> nn.Module:

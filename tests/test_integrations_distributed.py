@@ -1,10 +1,12 @@
-"""Two CPU processes (gloo) with DDP and FSDP2 train an injected model (and DDP a patched peft
-model) to the same adapter weights as one process on the same global batch: peftkern must not
-break data parallelism."""
+"""Two CPU processes (gloo) with DDP and FSDP2 train a model with each peftkern method injected
+(LoRA, bottleneck adapters, prefix with and without the MLP reparameterisation), and DDP a
+patched peft model, to the same trainable weights as one process on the same global batch:
+peftkern must not break data parallelism."""
 
 from __future__ import annotations
 
 import socket
+from typing import Callable
 
 import pytest
 import torch
@@ -12,31 +14,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import peftkern
-from lora_models import lora_factors, tiny_llama, tokens
+from lora_models import common_key, lora_factors, tiny_llama, tiny_llama_with, tokens
 
 WORLD = 2
 STEPS = 3
 GLOBAL_BATCH = 4
+# Pfeiffer is Houlsby's mechanism at fewer positions; "prefix-mlp" keeps a module tree of
+# parameters outside the transformer layers, which FSDP2 shards with the root.
+METHODS = ("lora", "houlsby", "prefix", "prefix-mlp")
+MODES = ("ddp", "fsdp2")
+CASES = [(mode, method) for mode in MODES for method in METHODS] + [("ddp-patched-peft", "lora")]
 
-
-def build_model() -> torch.nn.Module:
-    model = tiny_llama()
-    peftkern.inject_lora(model, ("q_proj", "v_proj"), r=4, lora_alpha=8)
-    torch.manual_seed(11)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(std=0.1)
-    return model.train()
+Weights = dict[str, torch.Tensor]
 
 
 def build_patched_peft_model() -> torch.nn.Module:
-    """The `peft` equivalent of build_model (same weights), patched by peftkern."""
+    """The `peft` equivalent of tiny_llama_with("lora") (same weights), patched by peftkern."""
     from peft import LoraConfig, get_peft_model
 
-    injected = build_model()
+    source = lora_factors(tiny_llama_with("lora"))
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    source = lora_factors(injected)
     with torch.no_grad():
         for key, p in lora_factors(model).items():
             p.copy_(source[key])
@@ -56,9 +53,13 @@ def train(model: torch.nn.Module, rank: int = 0, world: int = 1) -> None:
         optimizer.zero_grad()
 
 
-def full_lora_factors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # FSDP2 keeps parameters as sharded DTensors between steps: gather them whole.
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in lora_factors(model).items()}
+def trainable_weights(model: torch.nn.Module) -> Weights:
+    """Every trainable parameter, whole (FSDP2 keeps them as sharded DTensors between steps),
+    keyed alike for a peft and an injected model."""
+    return {
+        common_key(name): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def fsdp2_available() -> bool:
@@ -69,34 +70,40 @@ def fsdp2_available() -> bool:
     return True
 
 
-def train_ddp(rank: int, build=build_model) -> dict[str, torch.Tensor]:
+def train_ddp(rank: int, build: Callable[[], torch.nn.Module]) -> Weights:
     model = build()
     train(torch.nn.parallel.DistributedDataParallel(model), rank, WORLD)
-    return full_lora_factors(model)
+    return trainable_weights(model)
 
 
-def train_fsdp2(rank: int) -> dict[str, torch.Tensor]:
+def train_fsdp2(rank: int, build: Callable[[], torch.nn.Module]) -> Weights:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = build_model()
+    model = build()
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
+    # The root takes what no layer holds: embeddings, head and the prefix encoder, whose rows
+    # a pre-hook computes inside the root's forward, after the root has gathered them.
     fully_shard(model, mesh=mesh)
     train(model, rank, WORLD)
-    return full_lora_factors(model)
+    return trainable_weights(model)
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    # Both modes in one pair of processes: starting a process (importing transformers) costs
+    # Every case in one pair of processes: starting a process (importing transformers) costs
     # more than the training itself.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    trainers = {"ddp": train_ddp, "fsdp2": train_fsdp2, "ddp-patched-peft": train_ddp}
     try:
-        results = {"ddp": train_ddp(rank), "ddp-patched-peft": train_ddp(rank, build_patched_peft_model)}
-        if fsdp2_available():
-            results["fsdp2"] = train_fsdp2(rank)
+        results = {}
+        for mode, method in CASES:
+            if mode == "fsdp2" and not fsdp2_available():
+                continue
+            build = build_patched_peft_model if mode == "ddp-patched-peft" else lambda: tiny_llama_with(method)
+            results[mode, method] = trainers[mode](rank, build)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -110,28 +117,31 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_process_factors(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+def two_process_weights(tmp_path_factory) -> dict[tuple[str, str], Weights]:
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
-    out = tmp_path_factory.mktemp("dist") / "factors.pt"
+    out = tmp_path_factory.mktemp("dist") / "weights.pt"
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out)
 
 
 @pytest.fixture(scope="module")
-def single_process_factors() -> dict[str, torch.Tensor]:
-    model = build_model()
-    train(model)
-    return full_lora_factors(model)
+def single_process_weights() -> dict[str, Weights]:
+    weights = {}
+    for method in METHODS:
+        model = tiny_llama_with(method)
+        train(model)
+        weights[method] = trainable_weights(model)
+    return weights
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp-patched-peft", "fsdp2"])
-def test_two_processes_match_one(mode, two_process_factors, single_process_factors):
+@pytest.mark.parametrize("mode, method", CASES)
+def test_two_processes_match_one(mode, method, two_process_weights, single_process_weights):
     if mode == "fsdp2" and not fsdp2_available():
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) is not available in this torch")
-    factors = two_process_factors[mode]
-    assert factors.keys() == single_process_factors.keys() and len(factors) == 8
-    initial = lora_factors(build_model())
-    for key, expected in single_process_factors.items():
-        assert not torch.equal(expected, initial[key])  # the steps did move the weights
-        torch.testing.assert_close(factors[key], expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    weights, expected = two_process_weights[mode, method], single_process_weights[method]
+    initial = trainable_weights(tiny_llama_with(method))
+    assert weights.keys() == expected.keys() == initial.keys() and weights
+    for key, value in expected.items():
+        assert not torch.allclose(value, initial[key], rtol=0, atol=1e-3), key  # the steps did move the weights
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

@@ -52,12 +52,21 @@ def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int, who: str 
     expected = keep[:, None, None, :]
     if causal:
         expected = expected & torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
-    if ((allowed != expected) & keep[:, None, :, None]).any():
-        raise ValueError(
-            f"peftkern: {who}: the attention mask is not a padding mask"
-            + (" plus the causal triangle" if causal else "")
-            + " (packed sequences, sliding windows or custom masks are not supported)"
-        )
+    mismatch = ((allowed != expected) & keep[:, None, :, None]).any()
+    message = (
+        f"peftkern: {who}: the attention mask is not a padding mask"
+        + (" plus the causal triangle" if causal else "")
+        + " (packed sequences, sliding windows or custom masks are not supported)"
+    )
+    if torch.compiler.is_compiling():
+        # A Python branch on a tensor value breaks torch.compile's graph, in every layer, and
+        # traced transformers passes the 4-D mask for any attention_mask, padded or not. So the
+        # check runs inside the graph (a RuntimeError on CPU, a device-side assert on CUDA) and
+        # an all-True mask is kept rather than dropped.
+        torch._assert_async(~mismatch, message)
+        return keep
+    if mismatch:
+        raise ValueError(message)
     return None if bool(keep.all()) else keep
 
 
