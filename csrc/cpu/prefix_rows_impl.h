@@ -91,22 +91,20 @@ inline float dot(const float* a, const float* b, int64_t d) {
 
 // The softmax of row s[0, m) (raw scores) over the prefix rows, merged with the sequence
 // part: s becomes the weights of the prefix rows in the merged output, lse the merged lse,
-// and the return value the weight of the sequence part's output.
+// and the return value the weight of the sequence part's output. One log per row; the loops
+// over m carry no reduction, so they vectorise.
 inline float merge_weights(float* s, float& lse, int64_t m, float scale) {
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < m; ++j) mx = std::max(mx, s[j] * scale);
+  for (int64_t j = 0; j < m; ++j) s[j] = fast_exp(s[j] * scale - mx);
   float sum = 0.0f;
-  for (int64_t j = 0; j < m; ++j) {
-    s[j] = fast_exp(s[j] * scale - mx);
-    sum += s[j];
-  }
-  // Weights e^lse₁ and e^lse₂ relative to the larger one (lse₂ = mx + log(sum) is finite;
-  // lse₁ is -inf for a query that sees no sequence key).
-  const float lse_prefix = mx + std::log(sum);
-  const float hi = std::max(lse, lse_prefix);
-  const float w_seq = std::exp(lse - hi), w_prefix = std::exp(lse_prefix - hi);
-  const float total = w_seq + w_prefix;
-  const float prob_scale = w_prefix / (total * sum);
+  for (int64_t j = 0; j < m; ++j) sum += s[j];
+  // Sequence part e^lse₁ and prefix part e^mx·sum, relative to the larger exponent (lse₁ is
+  // -inf for a query that sees no sequence key: its weight is then ~1e-38, i.e. nothing).
+  const float hi = std::max(lse, mx);
+  const float w_seq = fast_exp(lse - hi), w_prefix = fast_exp(mx - hi);
+  const float total = w_seq + w_prefix * sum;
+  const float prob_scale = w_prefix / total;
   for (int64_t j = 0; j < m; ++j) s[j] *= prob_scale;
   lse = hi + std::log(total);
   return w_seq / total;
