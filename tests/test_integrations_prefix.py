@@ -122,6 +122,26 @@ def test_gradients_reach_only_the_prefix_and_checkpointing_gives_the_same(build)
         torch.testing.assert_close(grads[0][key], grads[1][key], msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("after_a_forward", [False, True])
+def test_a_deep_copy_has_its_own_prefix(after_a_forward):
+    """copy.deepcopy (EMA weights, a frozen reference model) gives a model that runs on its own
+    prefix: the same outputs at first, and changing one prefix leaves the other model alone."""
+    model = tiny_llama().eval()
+    peftkern.inject_prefix(model, num_virtual_tokens=M, projection_hidden=8)
+    _randomise(model)
+    x = tokens()
+    before = _output(model, x)
+    if after_a_forward:  # the holder then keeps the last call's rows, non-leaf tensors
+        model(x).logits.sum().backward()
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(_output(twin, x), before)
+    with torch.no_grad():
+        for p in twin.peftkern_prefix.parameters():
+            p.add_(0.5)
+    assert not torch.allclose(_output(twin, x), before)
+    torch.testing.assert_close(_output(model, x), before)
+
+
 def test_training_the_prefix_reduces_the_loss():
     model = tiny_llama().train()
     peftkern.inject_prefix(model, num_virtual_tokens=4)

@@ -36,6 +36,25 @@ class _PrefixRows:
     def __init__(self) -> None:
         self.layers: list[tuple[Tensor, Tensor]] | None = None
 
+    def __deepcopy__(self, memo: dict) -> "_PrefixRows":
+        # A copied model gets its own, empty holder (shared by its layers through the memo):
+        # the rows of the last call are activations of the original, not state.
+        return _PrefixRows()
+
+
+class _ComputeRows:
+    """The base model's forward pre-hook: every layer's rows, once per forward call, before any
+    layer runs (the MLP reparameterisation is not re-run per layer, and gradient
+    checkpointing's recomputation reuses these rows). An object rather than a closure so that
+    copy.deepcopy(model) points the copy's hook at the copy's own encoder and holder."""
+
+    def __init__(self, model: nn.Module, rows: _PrefixRows) -> None:
+        self.model = model
+        self.rows = rows
+
+    def __call__(self, _module: nn.Module, _args: Any) -> None:
+        self.rows.layers = self.model.peftkern_prefix()
+
 
 def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int, who: str = "inject_prefix") -> Tensor | None:
     """transformers' 4-D mask [B, 1|H, n, n] (bool True = attend, or additive float) as
@@ -192,12 +211,6 @@ def inject_prefix(
     rows = _PrefixRows()
     for _, module in layers:
         module.peftkern_prefix_rows = rows
-
-    def compute_rows(_module: nn.Module, _args: Any) -> None:
-        # Once per forward call, before any layer runs: the MLP reparameterisation is not
-        # re-run per layer, and gradient checkpointing's recomputation reuses these rows.
-        rows.layers = model.peftkern_prefix()
-
     # On the base model, which every task head calls, so model.bert(...) works as well.
-    getattr(model, "base_model", model).register_forward_pre_hook(compute_rows)
+    getattr(model, "base_model", model).register_forward_pre_hook(_ComputeRows(model, rows))
     return PrefixSummary.of(model, [name for name, _ in layers])
