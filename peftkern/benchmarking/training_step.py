@@ -1,9 +1,11 @@
 """One training step (forward + backward + AdamW) of a Llama-style model: the `peft` library's
-LoRA vs the same model patched with `patch_peft` vs a model injected with `inject_lora`.
+LoRA (or prefix tuning) vs the same model patched with `patch_peft` vs a model injected with
+`inject_lora` (`inject_prefix`).
 
-All three start from the same base weights and the same LoRA weights, run the same batch, and
-are timed interleaved; ratios are to `peft` measured in the same run (a ratio below 1 is a
-speed-up). Needs `transformers` and `peft`.
+All three start from the same base weights, run the same batch, and are timed interleaved;
+ratios are to `peft` measured in the same run (a ratio below 1 is a speed-up). The LoRA
+providers also share the LoRA weights; peft's and peftkern's prefix encoders are initialised
+differently, which does not change the work a step does. Needs `transformers` and `peft`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from peftkern.benchmarking.harness import Provider, Result, dtype_name, make_result, peak_bytes, saved_activation_bytes, time_interleaved
-from peftkern.integrations import inject_lora, patch_peft
+from peftkern.integrations import inject_lora, inject_prefix, patch_peft
 
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,10 +39,13 @@ class StepCase:
     dtype: torch.dtype
     device: str
     targets: tuple[str, ...] = QV
+    prefix: int = 0  # > 0: prefix tuning with this many virtual tokens instead of LoRA
 
     @property
     def name(self) -> str:
         dt = dtype_name(self.dtype)
+        if self.prefix:
+            return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} prefix m{self.prefix} {dt}"
         where = "qv" if self.targets == QV else f"{len(self.targets)}lin"
         return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r} {dt}"
 
@@ -50,31 +55,57 @@ class StepCase:
 # LoRA on q/v is the issue's target configuration; on every linear layer the share of the
 # step that LoRA costs (and fusion can save) is larger.
 CPU_CASES = [StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", targets) for targets in (QV, ALL_LINEAR)]
+CPU_CASES.append(StepCase(512, 4, 8, 1376, 2048, 256, 4, 0, 0.0, torch.float32, "cpu", prefix=20))
 GPU_CASES = [StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda")]
 
 
-def build_models(case: StepCase) -> dict[str, nn.Module]:
-    """peft, peft patched by peftkern, and peftkern-injected: same weights everywhere."""
-    from peft import LoraConfig, get_peft_model
+def base_model(case: StepCase) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
         num_hidden_layers=case.layers, num_attention_heads=case.heads, num_key_value_heads=case.heads,
-        max_position_embeddings=case.seq,
+        max_position_embeddings=case.seq, use_cache=False,  # training: no KV cache
     )
-    base = LlamaForCausalLM(config).to(device=case.device, dtype=case.dtype)
+    return LlamaForCausalLM(config).to(device=case.device, dtype=case.dtype)
+
+
+def build_models(case: StepCase) -> dict[str, nn.Module]:
+    return build_prefix_models(case) if case.prefix else build_lora_models(case)
+
+
+def fully_patched(peft_model: nn.Module) -> nn.Module:
+    patched = copy.deepcopy(peft_model)
+    report = patch_peft(patched)
+    if report.num_skipped or not report.num_patched:  # a partly patched model would make the comparison meaningless
+        raise RuntimeError(f"peftkern: the benchmark model was not fully patched:\n{report}")
+    return patched
+
+
+def build_prefix_models(case: StepCase) -> dict[str, nn.Module]:
+    """peft prefix tuning, the same model patched by peftkern, and inject_prefix."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    base = base_model(case)
+    peft_model = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.prefix))
+    patched = fully_patched(peft_model)
+    inject_prefix(base, num_virtual_tokens=case.prefix)
+    return {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": base.train()}
+
+
+def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
+    """peft, peft patched by peftkern, and peftkern-injected: same weights everywhere."""
+    from peft import LoraConfig, get_peft_model
+
+    base = base_model(case)
     lora = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets))
     peft_model = get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():  # trained-like B, so the adapters do work in every provider
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.02)
-    patched = copy.deepcopy(peft_model)
-    report = patch_peft(patched)
-    if report.num_skipped:  # a partly patched model would make the comparison meaningless
-        raise RuntimeError(f"peftkern: the benchmark model was not fully patched:\n{report}")
+    patched = fully_patched(peft_model)
     injected = base
     inject_lora(injected, case.targets, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
     source = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -113,7 +144,10 @@ def run(case: StepCase, *, rounds: int = 10, warmup: int = 2) -> list[Result]:
             make_result(
                 case.name, name, "train-step", times[name], floor, device,
                 saved_bytes=saved, peak_bytes=peak_bytes(steps[name], device),
-                extra={"benchmark": "training_step", "dtype": str(case.dtype), "dropout": case.dropout, "targets": ",".join(case.targets)},
+                extra={
+                    "benchmark": "training_step", "dtype": str(case.dtype), "dropout": case.dropout,
+                    "method": f"prefix m{case.prefix}" if case.prefix else "lora", "targets": ",".join(case.targets),
+                },
             )
         )
     return results
