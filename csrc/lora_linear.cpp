@@ -112,7 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
       kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
       dB = dB_t.t().contiguous();
     } else {
-      dB = at::mm(g2.t(), S);
+      // As (Sᵀ·g)ᵀ: a GEMM with r output rows and g in its natural layout, which the CPU
+      // BLAS runs about twice as fast as gᵀ·S (0.51 vs 0.94 ms at M = 2048, N = 1024, r = 16).
+      dB = at::mm(S.t(), g2).t().contiguous();
     }
     dB.mul_(scaling);
   }
