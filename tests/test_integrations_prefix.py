@@ -122,6 +122,23 @@ def test_gradients_reach_only_the_prefix_and_checkpointing_gives_the_same(build)
         torch.testing.assert_close(grads[0][key], grads[1][key], msg=lambda m: f"{key}: {m}")
 
 
+def test_generation_without_a_kv_cache_and_a_clear_error_with_one():
+    """Greedy generation with use_cache=False runs the prefix at every step (each token is the
+    argmax of the prefixed model over the sequence so far); with a KV cache the error says
+    what to do."""
+    model = tiny_llama().eval()
+    peftkern.inject_prefix(model, num_virtual_tokens=M)
+    _randomise(model)
+    x = tokens(batch=1, seq=5)
+    generated = model.generate(x, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert generated.shape == (1, 9)
+    with torch.no_grad():  # each new token is the argmax of the model on what came before
+        for step in range(5, 9):
+            assert _output(model, generated[:, :step])[0, -1].argmax() == generated[0, step]
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        model.generate(x, max_new_tokens=2, do_sample=False, use_cache=True)
+
+
 @pytest.mark.parametrize("after_a_forward", [False, True])
 def test_a_deep_copy_has_its_own_prefix(after_a_forward):
     """copy.deepcopy (EMA weights, a frozen reference model) gives a model that runs on its own

@@ -132,7 +132,8 @@ def attend_with_prefix(
     if key.shape[2] != n:
         raise NotImplementedError(
             f"peftkern: {who} covers self-attention over the current tokens only (training, scoring); "
-            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention)"
+            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention); "
+            "to generate, pass use_cache=False (each step then attends over the whole sequence)"
         )
     # As transformers' SDPA path: a call's is_causal wins, then the module's (decoders: True).
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
@@ -183,7 +184,8 @@ def inject_prefix(
     reparameterisation of the prefix-tuning paper; ``peftkern_prefix.eject()`` drops the MLP
     after training). Works for models that use transformers' attention interface (BERT-style
     encoders, Llama-style decoders, ...), with padding masks, causal masks and gradient
-    checkpointing. Not covered: KV-cache generation, cross-attention, attention dropout.
+    checkpointing. Not covered: KV-cache generation (generate with ``use_cache=False``),
+    cross-attention, attention dropout.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
