@@ -83,7 +83,27 @@ def test_odd_shapes(device, M, d, r, lead):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+def test_float32_activations_over_a_wide_range(device, activation):
+    """The float32 activations (vectorised exp/erf on the CPU) against float64 over
+    pre-activations from -30 to 30, values and derivatives: identity projections make the
+    adapter's output h + act(h) and its input gradient 1 + act'(h)."""
+    r = 8
+    z = torch.linspace(-30, 30, 4000, dtype=torch.float64).reshape(-1, r)
+    eye = torch.eye(r, dtype=torch.float64)
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        h = z.to(device=device, dtype=dtype).requires_grad_(True)
+        w = eye.to(device=device, dtype=dtype)
+        out = peftkern.bottleneck_adapter(h, w, None, w, None, activation=activation)
+        (grad,) = torch.autograd.grad(out.sum(), h)
+        grads[dtype] = (out.double(), grad.double())
+    for exact, approx in zip(grads[torch.float64], grads[torch.float32]):
+        torch.testing.assert_close(approx, exact, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
 def test_float32_matches_reference(device, activation):
     inp = make_inputs(64, 96, 16, dtype=torch.float32, device=device, lead=(2,), learned_scaling=True)
     out, out_ref, grads, ref_grads = run_both(inp, activation)

@@ -5,6 +5,7 @@
 
 #include <type_traits>
 
+#include "fast_math.h"
 #include "isa.h"
 
 namespace peftkern::cpu {

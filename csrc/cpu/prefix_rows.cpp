@@ -7,7 +7,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "fast_exp.h"
+#include "fast_math.h"
 #include "isa.h"
 
 namespace peftkern::cpu {
