@@ -51,7 +51,8 @@ def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias"
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     "M,K,N,r,lead",
-    [(1, 8, 8, 1, ()), (3, 13, 7, 2, ()), (17, 45, 29, 5, ()), (1023, 40, 24, 64, ()), (5, 33, 19, 4, (2, 3)), (0, 16, 8, 4, ())],
+    [(1, 8, 8, 1, ()), (3, 13, 7, 2, ()), (17, 45, 29, 5, ()), (1023, 40, 24, 64, ()), (5, 33, 19, 4, (2, 3)), (0, 16, 8, 4, ()),
+     (9, 259, 20, 3, ())],  # K = 259: a long row of Philox groups and a 3-element tail
 )
 def test_matches_reference_float64(device, dropout, M, K, N, r, lead):
     inp = make_inputs(M, K, N, r, device=device, lead=lead)
@@ -150,8 +151,8 @@ def test_dropout_statistics(device, p):
     assert kept.any(0).all() and (~kept).any(0).all()
 
 
-def test_dropout_mask_is_the_reference_mask():
-    K = 37
+@pytest.mark.parametrize("K", [37, 259])
+def test_dropout_mask_is_the_reference_mask(K):
     x = torch.randn(50, K, dtype=torch.float64)
     seed = torch.tensor([123456789012345], dtype=torch.int64)
     _, S = lora_linear_op(x, torch.zeros(2, K, dtype=torch.float64), None, torch.eye(K, dtype=torch.float64), torch.zeros(2, K, dtype=torch.float64), 1.0, 0.3, seed)
