@@ -23,10 +23,13 @@ inline at::Tensor unneeded_grad(const at::Tensor& like) {
 // copies. A fixed layout, whatever the input strides, because compilers assume it from the
 // fake kernel. t itself when it already has both.
 inline at::Tensor in_heads_layout(const at::Tensor& t, const at::Tensor& like) {
-  at::Tensor result =
-      at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, like.options()).transpose(1, 2);
-  if (t.scalar_type() == like.scalar_type() && t.strides() == result.strides()) return t;
-  return result.copy_(t);
+  const auto heads_layout = [&](const at::TensorOptions& options) {
+    return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, options).transpose(1, 2);
+  };
+  // The strides come from a meta tensor: no memory is allocated when t already has them.
+  const at::Tensor layout = heads_layout(like.options().device(at::kMeta));
+  if (t.scalar_type() == like.scalar_type() && t.strides() == layout.strides()) return t;
+  return heads_layout(like.options()).copy_(t);
 }
 
 }  // namespace peftkern
