@@ -126,17 +126,31 @@ def write_build_meta(version: str, with_cuda: bool, archs: str) -> None:
     )
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch's CPU parallel backend is OpenMP (Linux builds).
+
+    at::parallel_for is a header template: ATen's OpenMP backend puts its `#pragma omp
+    parallel` in the caller's object file. Compiled without -fopenmp the pragma is ignored
+    and every parallel_for in peftkern runs on one thread. Linking -fopenmp records
+    libgomp.so.1, which resolves to the copy torch has already loaded (same soname), so the
+    process keeps a single OpenMP runtime and thread pool."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def extension(version: str, with_cuda: bool, archs: str):
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DPEFTKERN_VERSION="{version}"']
+    openmp = openmp_flags()
     # The C++ standard is left to torch: 2.6-2.13 build with C++17, 2.14+ require C++20.
-    cxx = ["-O3", *defines]
+    cxx = ["-O3", *openmp, *defines]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "peftkern._C", sources, extra_compile_args={"cxx": cxx}
+            "peftkern._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp
         )
     defines += ["-DPEFTKERN_WITH_CUDA", f'-DPEFTKERN_CUDA_ARCHS="{archs}"']
-    cxx = ["-O3", *defines]
+    cxx = ["-O3", *openmp, *defines]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *defines]
     if os.environ.get("NVCC_THREADS"):
         nvcc += ["--threads", os.environ["NVCC_THREADS"]]
@@ -145,6 +159,7 @@ def extension(version: str, with_cuda: bool, archs: str):
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=wheel_cuda_include_dir(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=openmp,
     )
 
 

@@ -1,5 +1,6 @@
 #include "build_info.h"
 
+#include <ATen/Config.h>
 #include <torch/version.h>
 
 #include "cpu/isa.h"
@@ -32,6 +33,12 @@ BuildInfo build_info() {
   info.cuda = false;
 #endif
   info.cpu_isa = cpu::isa_name(cpu::selected_isa());
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+  // ATen's OpenMP parallel_for is inlined into this binary; without OpenMP it runs serially.
+  info.cpu_parallel = false;
+#else
+  info.cpu_parallel = true;
+#endif
   return info;
 }
 

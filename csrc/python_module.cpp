@@ -15,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
     d["cuda_version"] = info.cuda_version;
     d["cuda_archs"] = info.cuda_archs;
     d["cpu_isa"] = info.cpu_isa;
+    d["cpu_parallel"] = info.cpu_parallel;
     return d;
   });
 }

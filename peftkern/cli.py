@@ -28,7 +28,8 @@ def _info(args: argparse.Namespace) -> int:
     else:
         cuda = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch"
         print(f"GPU: none ({cuda})")
-    print(f"CPU kernels: {info['cpu_isa']} on {torch.get_num_threads()} threads")
+    threads = f"{torch.get_num_threads()} threads" if info["cpu_parallel"] else "1 thread (built without OpenMP)"
+    print(f"CPU kernels: {info['cpu_isa']} on {threads}")
     return 0
 
 

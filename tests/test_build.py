@@ -18,6 +18,9 @@ def test_build_info_describes_this_build():
     assert info["version"] == peftkern.__version__
     assert info["torch_version"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
     assert info["cpu_isa"] in {"avx512", "avx2", "baseline"}
+    # A build without OpenMP would run every CPU kernel on one thread (ATen inlines its
+    # OpenMP parallel_for into the extension), silently and without any wrong result.
+    assert info["cpu_parallel"] is True
     assert isinstance(info["cuda"], bool)
     if info["cuda"]:
         assert info["cuda_archs"] and info["cuda_version"]

@@ -3,7 +3,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // the AVX-512 Philox in dropout_rows_impl.h
+#endif
 
 #include "isa.h"
 

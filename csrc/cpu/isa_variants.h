@@ -7,7 +7,8 @@
 //   ... PEFTKERN_ISA_DISPATCH(my_function(args...)); ...
 // The body gets namespaces avx512::, avx2:: (GCC on x86-64 only) and baseline::, each compiled
 // under its own `#pragma GCC target`. Without PEFTKERN_ISA_IMPL this header only defines the
-// macros.
+// macros. A body that uses intrinsics under PEFTKERN_ISA_AVX512 needs <immintrin.h>
+// included by its .cpp before this header.
 #include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -17,9 +18,12 @@
 #ifdef PEFTKERN_ISA_IMPL
 #ifdef PEFTKERN_X86_MULTIVERSION
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,bmi2,fma,f16c")
 namespace avx512 {
+// Lets a body add hand-written AVX-512 paths (the target pragma defines no __AVX512F__).
+#define PEFTKERN_ISA_AVX512 1
 #include PEFTKERN_ISA_IMPL
+#undef PEFTKERN_ISA_AVX512
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
