@@ -152,11 +152,34 @@ def test_dropout_statistics(device, p):
 
 
 @pytest.mark.parametrize("K", [37, 259])
-def test_dropout_mask_is_the_reference_mask(K):
-    x = torch.randn(50, K, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the AVX-512 Philox
+def test_dropout_mask_is_the_reference_mask(K, dtype):
+    x = torch.randn(50, K, dtype=dtype)
     seed = torch.tensor([123456789012345], dtype=torch.int64)
-    _, S = lora_linear_op(x, torch.zeros(2, K, dtype=torch.float64), None, torch.eye(K, dtype=torch.float64), torch.zeros(2, K, dtype=torch.float64), 1.0, 0.3, seed)
-    torch.testing.assert_close(S, reference.dropout(x, 0.3, 123456789012345), rtol=0, atol=0)
+    zeros = torch.zeros(2, K, dtype=dtype)
+    _, S = lora_linear_op(x, zeros, None, torch.eye(K, dtype=dtype), zeros, 1.0, 0.3, seed)
+    expected = reference.dropout(x, 0.3, 123456789012345)
+    assert torch.equal(S == 0, expected == 0)
+    torch.testing.assert_close(S, expected, rtol=0 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+def test_cpu_result_does_not_depend_on_the_thread_count():
+    # Several row blocks per thread (K = 256: 256 rows per block), dropout on: the blocks
+    # are split between threads, and dA is summed from per-thread partials.
+    inp = make_inputs(1500, 256, 48, 8, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            results.append(run_both(inp, dropout=0.1, grad=torch.ones(1500, 48)))
+    finally:
+        torch.set_num_threads(threads)
+    (y_a, _, g_a, _), (y_1, _, g_1, _), (y_b, _, g_b, _) = results
+    assert torch.equal(y_a, y_b) and all(torch.equal(g_a[k], g_b[k]) for k in g_a)
+    torch.testing.assert_close(y_a, y_1, rtol=1e-5, atol=1e-5)
+    for k in g_a:
+        torch.testing.assert_close(g_a[k], g_1[k], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,21 +30,38 @@ c10::optional<DropoutParams> dropout_params(double dropout,
   return DropoutParams::make(static_cast<uint64_t>(seed_value), dropout);
 }
 
-// Splits rows [0, M) into blocks of at most kBlockBytes of K-wide rows and gives each thread
-// a contiguous range of them: body(first_row, end_row, block_rows, thread) runs once per
-// thread range. BLAS calls inside body run single-threaded (they are inside ATen's parallel
-// region), so each thread streams its blocks without waiting for the others. They call the
-// CPU kernels directly (at::cpu::), not through the dispatcher: a worker thread does not
-// inherit the calling thread's "below autograd" dispatch state.
-template <typename F>
-void for_thread_row_ranges(int64_t M, int64_t K, int64_t element_size, F&& body) {
-  const int64_t rows = std::max(kMinBlockRows, kBlockBytes / std::max<int64_t>(1, K * element_size));
-  const int64_t blocks = (M + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t first_block, int64_t end_block) {
-    body(first_block * rows, std::min(M, end_block * rows), std::min(rows, M),
-         at::get_thread_num());
-  });
-}
+// Rows [0, M) in blocks of at most kBlockBytes of K-wide rows, the blocks split into one
+// contiguous range per thread ("unit"). body(first_row, end_row, block_rows, unit) runs once
+// per unit; units() says how many there are, for per-unit accumulators.
+class RowUnits {
+ public:
+  RowUnits(int64_t M, int64_t K, int64_t element_size)
+      : M_(M),
+        rows_(std::max<int64_t>(1, std::min(M, std::max(kMinBlockRows, kBlockBytes / std::max<int64_t>(1, K * element_size))))),
+        blocks_((M + rows_ - 1) / rows_),
+        units_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks_))),
+        blocks_per_unit_((blocks_ + units_ - 1) / units_) {}
+
+  int64_t units() const { return units_; }
+
+  // BLAS calls inside body run single-threaded (they are inside ATen's parallel region), so
+  // each thread streams its blocks without waiting for the others. They must call the CPU
+  // kernels directly (at::cpu::), not through the dispatcher: a worker thread does not
+  // inherit the calling thread's "below autograd" dispatch state.
+  template <typename F>
+  void run(F&& body) const {
+    at::parallel_for(0, units_, 1, [&](int64_t first_unit, int64_t end_unit) {
+      for (int64_t unit = first_unit; unit < end_unit; ++unit) {
+        const int64_t begin = std::min(M_, unit * blocks_per_unit_ * rows_);
+        const int64_t end = std::min(M_, (unit + 1) * blocks_per_unit_ * rows_);
+        if (begin < end) body(begin, end, rows_, unit);
+      }
+    });
+  }
+
+ private:
+  int64_t M_, rows_, blocks_, units_, blocks_per_unit_;
+};
 
 at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
                         const c10::optional<at::Tensor>& seed) {
@@ -53,7 +70,7 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dr
   if (M == 0) return S;
   const auto d = dropout_params(dropout, seed);
   const at::Tensor A_t = lora_A.t();
-  for_thread_row_ranges(M, K, lora_A.element_size(), [&](int64_t begin, int64_t end, int64_t rows, int) {
+  RowUnits(M, K, lora_A.element_size()).run([&](int64_t begin, int64_t end, int64_t rows, int64_t) {
     at::Tensor workspace = at::empty({rows, K}, lora_A.options());
     for (int64_t m0 = begin; m0 < end; m0 += rows) {
       const int64_t count = std::min(rows, end - m0);
@@ -66,7 +83,7 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dr
   return S;
 }
 
-// dA accumulates per thread (one partial [r, K] each) and the partials are summed in thread
+// dA accumulates per unit (one partial [r, K] each) and the partials are summed in unit
 // order, so for a given thread count the result is bitwise reproducible.
 void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& dS,
                            double dropout, const c10::optional<at::Tensor>& seed, at::Tensor& dA,
@@ -74,14 +91,14 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
   const int64_t M = x.size(0), K = x.size(1), r = lora_A.size(0);
   if (M == 0) return;
   const auto d = dropout_params(dropout, seed);
-  at::Tensor dA_partials = dA.defined() ? at::zeros({at::get_num_threads(), r, K}, dA.options())
-                                        : at::Tensor();
-  for_thread_row_ranges(M, K, lora_A.element_size(), [&](int64_t begin, int64_t end, int64_t rows, int thread) {
+  const RowUnits units(M, K, lora_A.element_size());
+  at::Tensor dA_partials = dA.defined() ? at::zeros({units.units(), r, K}, dA.options()) : at::Tensor();
+  units.run([&](int64_t begin, int64_t end, int64_t rows, int64_t unit) {
     // lora_term holds dS·A for the block (added into dx under the mask); masked_x holds
     // drop(x) for the block (consumed by the dA GEMM).
     at::Tensor lora_term = dx.defined() ? at::empty({rows, K}, lora_A.options()) : at::Tensor();
     at::Tensor masked_x = dA.defined() ? at::empty({rows, K}, lora_A.options()) : at::Tensor();
-    at::Tensor dA_partial = dA.defined() ? dA_partials.select(0, thread) : at::Tensor();
+    at::Tensor dA_partial = dA.defined() ? dA_partials.select(0, unit) : at::Tensor();
     for (int64_t m0 = begin; m0 < end; m0 += rows) {
       const int64_t count = std::min(rows, end - m0);
       const at::Tensor dS_rows = dS.narrow(0, m0, count);
