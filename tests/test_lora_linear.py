@@ -164,8 +164,8 @@ def test_dropout_mask_is_the_reference_mask(K, dtype):
 
 
 def test_cpu_result_does_not_depend_on_the_thread_count():
-    # Several row blocks per thread (K = 256: 256 rows per block), dropout on: the blocks
-    # are split between threads, and dA is summed from per-thread partials.
+    # Dropout on and several row chunks (K = 256: 1024 rows per 1 MiB chunk), whose rows
+    # are split between the threads; the rank-r GEMMs reduce over rows in the BLAS.
     inp = make_inputs(1500, 256, 48, 8, dtype=torch.float32)
     threads = torch.get_num_threads()
     results = []
