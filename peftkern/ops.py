@@ -254,3 +254,28 @@ def _prefix_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | No
 torch.library.register_autograd(
     "peftkern::prefix_attention", _prefix_attention_backward, setup_context=_prefix_attention_setup_context
 )
+
+
+def _refuse_second_derivative(forward_name: str) -> None:
+    """Gives peftkern::<forward_name>_backward an autograd formula that refuses to run.
+
+    The backward kernels are not differentiable. Without a formula of their own, a backward
+    taken with create_graph=True would run them with autograd still active inside, where the
+    ATen calls either fail with an unrelated message or record a partial graph that yields a
+    wrong second derivative. With this formula the first derivative works as usual, its
+    result is marked, and differentiating it again raises an error that says why."""
+
+    def backward(ctx: Any, *grads: Tensor) -> None:
+        raise RuntimeError(
+            f"peftkern: {forward_name} is differentiable once; differentiating its gradient "
+            "again (double backward after create_graph=True) is not supported"
+        )
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    torch.library.register_autograd(f"peftkern::{forward_name}_backward", backward, setup_context=setup_context)
+
+
+for _name in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
+    _refuse_second_derivative(_name)

@@ -26,3 +26,29 @@ def test_opcheck(op_name, device):
     op = getattr(torch.ops.peftkern, op_name).default
     for args in SAMPLES[op_name](device):
         torch.library.opcheck(op, args)
+
+
+def _first_sample_with_grad(op_name: str, device: str) -> tuple:
+    return SAMPLES[op_name](device)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op_name", ["lora_linear", "bottleneck_adapter", "prefix_attention"])
+def test_second_derivative_is_refused_in_words(op_name, device):
+    # create_graph=True gives the usual first derivative; differentiating it again must be
+    # refused with an error that says so (the backward kernels are not differentiable), never
+    # a partial graph through the ATen calls inside them, i.e. a wrong second derivative.
+    op = getattr(torch.ops.peftkern, op_name).default
+    args = _first_sample_with_grad(op_name, device)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def first_grads(create_graph: bool) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(0)
+        out = op(*args)[0]
+        return torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=create_graph)
+
+    plain, graphed = first_grads(False), first_grads(True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=rf"peftkern: {op_name} is differentiable once"):
+        sum(g.pow(2).sum() for g in graphed).backward()
