@@ -32,7 +32,7 @@ void for_each_block(const AttentionRowKernels& kernels, const Shape& s, int64_t 
 // The block's query rows as one matrix per batch-head: [B·Hkv, g·rows, cols] (a copy when
 // g > 1). rows4 is [B·Hkv, g, n, cols].
 at::Tensor block_of(const at::Tensor& rows4, const AttentionBlock& b) {
-  return rows4.narrow(2, b.q_begin, b.rows).reshape({rows4.size(0), -1, rows4.size(3)});
+  return rows4.narrow(2, b.q_begin, b.rows).reshape({rows4.size(0), rows4.size(1) * b.rows, rows4.size(3)});
 }
 
 }  // namespace

@@ -100,7 +100,7 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
   check_same_device(grad_out, h, "grad_out", "h");
   check_same_dtype(grad_out, h, "grad_out", "h");
   check_dim(Z, 2, "pre_activation", "[rows, bottleneck]");
-  check_size(Z, 0, h.numel() / d, "pre_activation", "the number of rows of h");
+  check_size(Z, 0, leading_rows(h), "pre_activation", "the number of rows of h");
   check_size(Z, 1, r, "pre_activation", "the bottleneck size r");
   const auto [need_dh, need_dWd, need_dbd, need_dWu, need_dbu, need_ds] = output_mask;
   const bool need_dZ = need_dh || need_dWd || need_dbd;

@@ -82,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     std::array<bool, 5> output_mask) {
   check_lora_args(x, weight, c10::nullopt, lora_A, lora_B, dropout, seed);
   const int64_t K = weight.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(grad_y.sizes().back() == N && grad_y.numel() / std::max<int64_t>(N, 1) ==
-                                                x.numel() / std::max<int64_t>(K, 1),
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.sizes().back() == N && leading_rows(grad_y) == leading_rows(x),
               "peftkern: grad_y must have shape [..., out_features] matching x, got ",
               shape_str(grad_y));
   check_dim(S, 2, "S", "[rows, r]");

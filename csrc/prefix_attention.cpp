@@ -22,6 +22,7 @@ Dims check_prefix_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   check_dim(v, 4, "v", "[batch, kv_heads, seq, head_dim]");
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), d = q.size(3);
   const int64_t Hkv = k.size(1);
+  TORCH_CHECK(d > 0, "peftkern: q.shape[3] (head_dim) must be > 0, got q ", shape_str(q));
   check_size(k, 0, B, "k", "q.shape[0] (batch)");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "peftkern: q.shape[1] (query heads, ", Hq,
               ") must be a positive multiple of k.shape[1] (key/value heads, ", Hkv,
@@ -118,8 +119,9 @@ void prefix_backward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& 
                              const at::Tensor& pv, const at::Tensor& out_c,
                              const at::Tensor& lse_c, double scale, at::Tensor& dq,
                              at::Tensor* grad_k, at::Tensor* grad_v) {
+  // The last size is given, not inferred: with B = 0 a -1 would be ambiguous.
   const auto rows = [&](const at::Tensor& t) {
-    return t.contiguous().view({s.B, s.Hkv, s.g * s.n, -1});
+    return t.contiguous().view({s.B, s.Hkv, s.g * s.n, t.size(-1)});
   };
   const at::Tensor q_rows = rows(qc), dO_rows = rows(dO);
   const at::Tensor p2 = at::matmul(q_rows, pk.transpose(-1, -2));
@@ -129,7 +131,7 @@ void prefix_backward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& 
   if (!dq.defined() && grad_k == nullptr) return;
   // dS₂ = P₂ ⊙ (dP₂ - D), D = rowsum(dO ⊙ O) of the merged output.
   at::Tensor dS2 = at::matmul(dO_rows, pv.transpose(-1, -2));
-  dS2.sub_(rows((dO * out_c).sum(-1))).mul_(p2);
+  dS2.sub_(rows((dO * out_c).sum(-1, /*keepdim=*/true))).mul_(p2);
   if (dq.defined()) {
     dq = dq.contiguous();
     rows(dq).add_(at::matmul(dS2, pk), scale);

@@ -110,6 +110,6 @@ def prefix_attention(
     and its keys all padded) gets a zero output and zero gradients, never NaN.
     """
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is refused by the op
     out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), float(scale))
     return out

@@ -75,7 +75,7 @@ def lora_linear(
 ) -> Tensor:
     """y = x·Wᵀ + bias + scaling·(drop(x)·Aᵀ)·Bᵀ, the LoRA branch in the adapter's dtype."""
     K = x.shape[-1]
-    x2d = x.reshape(-1, K)
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)  # not -1: ambiguous when K = 0
     dropped = dropout(x2d.to(lora_A.dtype), dropout_p, seed)
     lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scaling
     y = torch.nn.functional.linear(x2d, weight, bias) + lora.to(x.dtype)

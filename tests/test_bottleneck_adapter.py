@@ -23,7 +23,7 @@ def make_inputs(M, d, r, *, dtype=torch.float64, device="cpu", bias=True, learne
 
     return {
         "h": rand(*lead, M, d),
-        "w_down": rand(r, d, scale=d**-0.5),
+        "w_down": rand(r, d, scale=max(d, 1) ** -0.5),
         "b_down": rand(r, scale=0.5) if bias else None,
         "w_up": rand(d, r, scale=r**-0.5),
         "b_up": rand(d, scale=0.5) if bias else None,
@@ -71,7 +71,7 @@ def test_matches_reference_float64(device, activation, bias, learned_scaling, re
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "M,d,r,lead",
-    [(1, 8, 1, ()), (3, 13, 2, ()), (17, 45, 7, ()), (1023, 40, 64, ()), (5, 33, 4, (2, 3)), (0, 16, 4, ()), (0, 16, 4, (3,))],
+    [(1, 8, 1, ()), (3, 13, 2, ()), (17, 45, 7, ()), (1023, 40, 64, ()), (5, 33, 4, (2, 3)), (0, 16, 4, ()), (0, 16, 4, (3,)), (3, 0, 2, ())],
 )
 def test_odd_shapes(device, M, d, r, lead):
     inp = make_inputs(M, d, r, device=device, lead=lead, learned_scaling=True)

@@ -23,9 +23,9 @@ def make_inputs(M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="
 
     return {
         "x": rand(*lead, M, K),
-        "weight": rand(N, K, scale=K**-0.5),
+        "weight": rand(N, K, scale=max(K, 1) ** -0.5),
         "bias": rand(N) if bias else None,
-        "lora_A": rand(r, K, scale=K**-0.5, dt=adapter_dtype),
+        "lora_A": rand(r, K, scale=max(K, 1) ** -0.5, dt=adapter_dtype),
         "lora_B": rand(N, r, scale=r**-0.5, dt=adapter_dtype),
     }
 
@@ -52,7 +52,8 @@ def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias"
 @pytest.mark.parametrize(
     "M,K,N,r,lead",
     [(1, 8, 8, 1, ()), (3, 13, 7, 2, ()), (17, 45, 29, 5, ()), (1023, 40, 24, 64, ()), (5, 33, 19, 4, (2, 3)), (0, 16, 8, 4, ()),
-     (9, 259, 20, 3, ())],  # K = 259: a long row of Philox groups and a 3-element tail
+     (9, 259, 20, 3, ()),  # K = 259: a long row of Philox groups and a 3-element tail
+     (4, 0, 6, 2, ())],  # K = 0: y is the bias
 )
 def test_matches_reference_float64(device, dropout, M, K, N, r, lead):
     inp = make_inputs(M, K, N, r, device=device, lead=lead)

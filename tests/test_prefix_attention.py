@@ -91,6 +91,25 @@ def test_matches_reference(device, shape, shared, causal, mask_kind, dtype):
     assert_all_close(*both(inp, causal, mask), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 4, 2, 7, 3, 16), (2, 4, 2, 0, 3, 16)], ids=["empty_batch", "empty_sequence"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_empty_batch_or_sequence(device, shape, shared, mask_kind, dtype):
+    # ATen's fused CPU kernel divides by the sequence length and the fused prefix pass by the
+    # batch-head count: empty inputs must take a path that handles them, not crash.
+    B, _, _, n, _, _ = shape
+    inp = make_inputs(*shape, dtype=dtype, device=device, shared=shared)
+    assert_all_close(*both(inp, True, make_mask(B, n, mask_kind, device)))
+
+
+def test_head_dim_zero_is_refused():
+    inp = make_inputs(1, 2, 2, 3, 1, 0)
+    with pytest.raises(RuntimeError, match=r"q.shape\[3\] \(head_dim\) must be > 0"):
+        peftkern.prefix_attention(*(inp[k] for k in NAMES))
+
+
 def as_model_layout(t: torch.Tensor) -> torch.Tensor:
     """t [B, H, n, d] as a model's projection makes it: [B, n, H, d] memory seen transposed."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)

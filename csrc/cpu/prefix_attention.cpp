@@ -161,10 +161,15 @@ at::Tensor sees_no_key(const at::Tensor& mask, bool causal) {
   return none.unsqueeze(1);
 }
 
+// ATen's fused CPU kernel divides by the sequence length: empty inputs take the blockwise path.
+bool empty_attention(const at::Tensor& q, const at::Tensor& k) {
+  return q.numel() == 0 || k.numel() == 0;
+}
+
 std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, const at::Tensor& mask,
                                                     bool causal, double scale) {
-  if (q.scalar_type() == at::kDouble) {
+  if (q.scalar_type() == at::kDouble || empty_attention(q, k)) {
     return blockwise_attention_forward(kCpuRows, q, k, v, mask, causal, scale);
   }
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
@@ -180,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
     double scale, std::array<bool, 3> needed) {
-  if (q.scalar_type() == at::kDouble) {
+  if (q.scalar_type() == at::kDouble || empty_attention(q, k)) {
     return blockwise_attention_backward(kCpuRows, grad_out, q, k, v, mask, out, lse, causal, scale,
                                         needed);
   }
@@ -266,7 +271,8 @@ void for_each_head_run(int64_t begin, int64_t end, int64_t heads, int64_t n, F&&
 bool fused_prefix_forward(const at::Tensor& q, const at::Tensor& prefix_k,
                           const at::Tensor& prefix_v, at::Tensor& out, at::Tensor& lse,
                           double scale) {
-  if (q.scalar_type() != at::kFloat) return false;
+  // Empty inputs (no rows, or head_dim 0) go to the GEMM path, which handles every shape.
+  if (q.scalar_type() != at::kFloat || q.numel() == 0) return false;
   const FusedPrefix prefix(prefix_k, prefix_v, scale);
   const int64_t Hq = q.size(1), n = q.size(2), group = Hq / prefix.kv_heads();
   const HeadRows Q(q), O(out);
@@ -286,7 +292,7 @@ bool fused_prefix_backward(const at::Tensor& grad_out, const at::Tensor& q,
                            const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                            const at::Tensor& out, const at::Tensor& lse, double scale,
                            at::Tensor& dq, at::Tensor* grad_k, at::Tensor* grad_v) {
-  if (q.scalar_type() != at::kFloat) return false;
+  if (q.scalar_type() != at::kFloat || q.numel() == 0) return false;  // as in the forward
   const FusedPrefix prefix(prefix_k, prefix_v, scale);
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), Hkv = prefix.kv_heads();
   const int64_t group = Hq / Hkv, bh_count = B * Hkv, rows_per_bh = group * n;
