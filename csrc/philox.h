@@ -70,9 +70,14 @@ PEFTKERN_HOST_DEVICE Philox4 dropout_words(const DropoutParams& d, int64_t row, 
                        static_cast<uint32_t>(r >> 32), d.seed);
 }
 
+// Whether the element whose random word this is is kept: the one keep rule of every kernel.
+PEFTKERN_HOST_DEVICE bool dropout_keeps(const DropoutParams& d, uint32_t word) {
+  return (word >> 8) >= d.threshold;
+}
+
 // Multiplier of one element: keep_scale when kept, 0 when dropped.
 PEFTKERN_HOST_DEVICE float dropout_multiplier(const DropoutParams& d, uint32_t word) {
-  return (word >> 8) >= d.threshold ? static_cast<float>(d.keep_scale) : 0.0f;
+  return dropout_keeps(d, word) ? static_cast<float>(d.keep_scale) : 0.0f;
 }
 
 }  // namespace peftkern

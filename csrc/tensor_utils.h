@@ -8,13 +8,13 @@ namespace peftkern {
 // An optional tensor argument that was actually passed (not None, not undefined).
 inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// t as a contiguous [rows, features] matrix (a view when t is already contiguous).
 // The number of rows of t seen as [..., features]: the product of all but the last size
 // (counted, not derived from numel(), which is 0 for every row count when features is 0).
 inline int64_t leading_rows(const at::Tensor& t) {
   return t.dim() == 0 ? 1 : c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
 
+// t as a contiguous [rows, features] matrix (a view when t is already contiguous).
 inline at::Tensor rows_of(const at::Tensor& t, int64_t features) {
   return t.reshape({leading_rows(t), features}).contiguous();
 }

@@ -64,6 +64,7 @@ inline uint64_t keep_bits64(const DropoutParams& d, int64_t row, int64_t block) 
   const __m512i words[4] = {c0, c1, c2, c3};
   uint64_t bits = 0;
   for (int l = 0; l < 4; ++l) {
+    // dropout_keeps (philox.h), 16 lanes at a time.
     const uint64_t keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(words[l], 8), threshold);
     bits |= _pdep_u64(keep, 0x1111111111111111ull << l);  // lane i -> column 4·i + l
   }
@@ -87,7 +88,7 @@ inline void block_multipliers(const DropoutParams& d, int64_t row, int64_t block
   const C scale = static_cast<C>(d.keep_scale);
   for (int64_t g = 0; g < kMaskBlock / 4; ++g) {
     const Philox4 w = dropout_words(d, row, 16 * block + g);
-    for (int l = 0; l < 4; ++l) mult[4 * g + l] = (w.v[l] >> 8) >= d.threshold ? scale : C(0);
+    for (int l = 0; l < 4; ++l) mult[4 * g + l] = dropout_keeps(d, w.v[l]) ? scale : C(0);
   }
 }
 
@@ -104,7 +105,7 @@ inline void for_each_multiplier(const DropoutParams& d, int64_t row, int64_t K, 
   for (int64_t k0 = blocks * kMaskBlock; k0 < K; k0 += 4) {
     const Philox4 w = dropout_words(d, row, k0 / 4);
     for (int64_t k = k0; k < std::min(K, k0 + 4); ++k) {
-      element(k, (w.v[k - k0] >> 8) >= d.threshold ? scale : C(0));
+      element(k, dropout_keeps(d, w.v[k - k0]) ? scale : C(0));
     }
   }
 }
