@@ -3,14 +3,24 @@
 # it there: import, `peftkern info`, and one LoRA forward/backward on the CPU against the
 # reference.
 #
-#   scripts/smoke_test_wheel.sh WHEEL TORCH_REQUIREMENT VENV_DIR
+#   scripts/smoke_test_wheel.sh [--reuse-venv] WHEEL TORCH_REQUIREMENT VENV_DIR
+#
+# --reuse-venv installs into VENV_DIR as it is (it must exist) instead of a new one: CI uses it
+# for the CUDA wheel, whose torch alone takes about 5.5 GB of disk.
 set -euo pipefail
+reuse_venv=false
+if [ "${1:-}" = --reuse-venv ]; then reuse_venv=true; shift; fi
 wheel=$(realpath "$1")
 torch_requirement=$2
 venv=$(realpath -m "$3")
 
-rm -rf "$venv"
-python3 -m venv "$venv"
+if ! $reuse_venv; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+elif [ ! -x "$venv/bin/python" ]; then
+    echo "--reuse-venv: no virtual environment at $venv" >&2
+    exit 1
+fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_requirement" "$wheel"
 cd "$(mktemp -d)"  # import the installed wheel, not a checkout
 "$venv/bin/peftkern" info
