@@ -12,28 +12,37 @@ namespace peftkern::cpu {
 // (about 1 ulp on the reduced range). x is clamped to [-87.3, 88.3] so that 2^n stays a
 // normal float: below that the result is at most 1.2e-38 instead of 0 (or a subnormal), which
 // no softmax or activation sum can tell apart.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
+//
+// One definition for a float (F = float, I = int32_t) and for a GCC vector of floats (I the
+// int vector of the same lanes): every operation below means the same on both, lane by lane,
+// so a row kernel can hold a whole register of exponentials without a second copy of this.
+template <typename F, typename I>
+inline F fast_exp_of(F x) {
+  const F lo = F{} + -87.3f, hi = F{} + 88.3f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
   // Adding 1.5·2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
   constexpr float kRound = 12582912.0f;
-  const float shifted = x * 1.44269504088896341f + kRound;
-  const float n = shifted - kRound;
-  int32_t n_bits;
+  const F shifted = x * 1.44269504088896341f + kRound;
+  const F n = shifted - kRound;
+  I n_bits;
   std::memcpy(&n_bits, &shifted, sizeof n_bits);
   // ln 2 split in two so that n·ln2_hi is exact.
-  const float f = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  const F f = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
   p = p * f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.0f;
-  const int32_t two_n = (n_bits - 0x4B400000 + 127) << 23;  // the float 2^n
-  float scale;
+  const I two_n = (n_bits - 0x4B400000 + 127) << 23;  // the float 2^n
+  F scale;
   std::memcpy(&scale, &two_n, sizeof scale);
   return p * scale;
 }
+
+inline float fast_exp(float x) { return fast_exp_of<float, int32_t>(x); }
 
 // erf(x) as x·P(x²)/Q(x²), a rational approximation on [-4, 4] (where erf reaches 1 - 2e-8,
 // i.e. 1 in float32), x clamped to that range. Its largest error against std::erf over

@@ -7,19 +7,20 @@
 #include <type_traits>
 #include <vector>
 
-#include "fast_math.h"
 #include "isa.h"
+
+// The kernels pass GCC vector types between inline helpers of this file only, so the ABI note
+// GCC gives for them in the baseline variant (wider vectors than the target has) is moot;
+// fast_math.h is inside the region for its vector instantiation of fast_exp_of.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "fast_math.h"
 
 namespace peftkern::cpu {
 
-// The kernels pass GCC vector types between inline helpers of this file only, so the ABI note
-// GCC gives for them in the baseline variant (wider vectors than the target has) is moot.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 #define PEFTKERN_ISA_IMPL "prefix_rows_impl.h"
 #include "isa_variants.h"
 #undef PEFTKERN_ISA_IMPL
-#pragma GCC diagnostic pop
 
 void prefix_forward_rows(const PrefixRows& prefix, const float* q, int64_t q_stride, float* out,
                          int64_t out_stride, float* lse, int64_t rows) {
@@ -32,3 +33,5 @@ void prefix_backward_rows(const PrefixRows& prefix, const PrefixGradRows& rows_v
 }
 
 }  // namespace peftkern::cpu
+
+#pragma GCC diagnostic pop
