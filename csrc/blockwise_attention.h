@@ -2,7 +2,7 @@
 // BLAS (through ATen) and the row passes in between supplied by the device. It reports the
 // log-sum-exp that the prefix merge needs, and its backward takes any (out, lse) pair, which
 // is what the prefix attention's sequence part requires from a device without a fused
-// attention kernel that does both (CUDA here; the CPU uses ATen's fused flash kernel).
+// attention kernel that covers the inputs (CUDA here, and float64 on the CPU).
 //
 // Layout. q [B, Hq, n, d] with Hq = g·Hkv is viewed as [B·Hkv, g, n, d]: the g query heads
 // that share a key/value head are rows of one matrix, so grouped-query attention needs no

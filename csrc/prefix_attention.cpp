@@ -148,14 +148,17 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
   const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
   const auto type = compute_type(q);
   const at::Tensor qc = in_compute(q, type);
+  const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+  if (kernels.fused_forward != nullptr) {
+    if (auto fused = kernels.fused_forward(qc, in_compute(k, type), in_compute(v, type), pk, pv,
+                                           mask_or_undefined(key_padding_mask), causal, scale)) {
+      auto& [out, lse] = *fused;
+      return {in_heads_layout(out, q), lse};
+    }
+  }
   auto [out, lse] = kernels.sequence_forward(qc, in_compute(k, type), in_compute(v, type),
                                              mask_or_undefined(key_padding_mask), causal, scale);
-  if (s.m > 0) {
-    const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
-    const bool fused = kernels.fused_prefix_forward != nullptr &&
-                       kernels.fused_prefix_forward(qc, pk, pv, out, lse, scale);
-    if (!fused) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
-  }
+  if (s.m > 0) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
   return {in_heads_layout(out, q), lse};
 }
 
@@ -173,12 +176,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.Hq && lse.size(2) == s.n,
               "peftkern: lse must have shape [batch, heads, seq] = [", s.B, ", ", s.Hq, ", ", s.n,
               "], got ", shape_str(lse));
-  const auto [need_dq, need_dk, need_dv, need_dpk, need_dpv] = output_mask;
+  const bool need_dq = output_mask[0], need_dk = output_mask[1], need_dv = output_mask[2];
+  const bool need_dpk = output_mask[3], need_dpv = output_mask[4];
   const auto type = compute_type(q);
   const at::Tensor qc = in_compute(q, type);
   const at::Tensor dO = in_compute(grad_out, type);
   const at::Tensor out_c = in_compute(out, type);
   const at::Tensor lse_c = in_compute(lse, type);
+
+  const auto finish = [&](at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dpk,
+                          at::Tensor dpv) {
+    if (s.m == 0) {  // m = 0: the prefix gradients are zero-size tensors of the prefix's shape.
+      if (need_dpk) dpk = at::zeros_like(prefix_k);
+      if (need_dpv) dpv = at::zeros_like(prefix_v);
+    } else {
+      if (need_dpk) dpk = reduce_prefix_grad(dpk, s, prefix_k);
+      if (need_dpv) dpv = reduce_prefix_grad(dpv, s, prefix_v);
+    }
+    // In the layout the fake kernel promises (no copy when the device's kernel already
+    // produced it, as the CPU one does).
+    return std::make_tuple(need_dq ? in_heads_layout(dq, q) : unneeded_grad(q),
+                           need_dk ? in_heads_layout(dk, k) : unneeded_grad(k),
+                           need_dv ? in_heads_layout(dv, v) : unneeded_grad(v),
+                           need_dpk ? dpk : unneeded_grad(prefix_k),
+                           need_dpv ? dpv : unneeded_grad(prefix_v));
+  };
+  const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+  if (kernels.fused_backward != nullptr) {
+    if (auto fused = kernels.fused_backward(dO, qc, in_compute(k, type), in_compute(v, type), pk,
+                                            pv, mask_or_undefined(key_padding_mask), out_c, lse_c,
+                                            causal, scale, output_mask)) {
+      auto& [dq, dk, dv, dpk, dpv] = *fused;
+      return finish(dq, dk, dv, dpk, dpv);
+    }
+  }
 
   at::Tensor dq, dk, dv;
   if (need_dq || need_dk || need_dv) {
@@ -189,31 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
   at::Tensor dpk, dpv;
   if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
-    const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
-    at::Tensor* grad_k = need_dpk ? &dpk : nullptr;
-    at::Tensor* grad_v = need_dpv ? &dpv : nullptr;
-    const bool fused = kernels.fused_prefix_backward != nullptr &&
-                       kernels.fused_prefix_backward(dO, qc, pk, pv, out_c, lse_c, scale, dq,
-                                                     grad_k, grad_v);
-    if (!fused) {
-      prefix_backward_by_gemm(kernels, s, dO, qc, pk, pv, out_c, lse_c, scale, dq, grad_k,
-                              grad_v);
-    }
-    if (need_dpk) dpk = reduce_prefix_grad(dpk, s, prefix_k);
-    if (need_dpv) dpv = reduce_prefix_grad(dpv, s, prefix_v);
-  } else if (s.m == 0) {
-    // m = 0: the prefix gradients are zero-size tensors of the prefix's shape.
-    if (need_dpk) dpk = at::zeros_like(prefix_k);
-    if (need_dpv) dpv = at::zeros_like(prefix_v);
+    prefix_backward_by_gemm(kernels, s, dO, qc, pk, pv, out_c, lse_c, scale, dq,
+                            need_dpk ? &dpk : nullptr, need_dpv ? &dpv : nullptr);
   }
-
-  // In the layout the fake kernel promises (no copy when the device's kernel already produced
-  // it, as the CPU one does).
-  return {need_dq ? in_heads_layout(dq, q) : unneeded_grad(q),
-          need_dk ? in_heads_layout(dk, k) : unneeded_grad(k),
-          need_dv ? in_heads_layout(dv, v) : unneeded_grad(v),
-          need_dpk ? dpk : unneeded_grad(prefix_k),
-          need_dpv ? dpv : unneeded_grad(prefix_v)};
+  return finish(dq, dk, dv, dpk, dpv);
 }
 
 }  // namespace peftkern

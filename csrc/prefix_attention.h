@@ -11,10 +11,10 @@
 // its own (P = exp(s·scale - lse), D = rowsum(dO ⊙ O)), so the parts never meet again.
 //
 // The prefix part is GEMMs through ATen plus the device's row softmax pass (the prefix scores
-// are one unmasked block of m keys), unless the device fuses it into one pass over the query
-// rows (the CPU does for float32: m is small, so the GEMMs are memory-bound and the passes
-// between them cost more than the arithmetic). The sequence part and the merge pass come from
-// the device too (`PrefixAttentionKernels`): an attention that reports its lse.
+// are one unmasked block of m keys). The sequence part and the merge pass come from the
+// device (`PrefixAttentionKernels`): an attention that reports its lse. A device may instead
+// run the whole attention in one kernel where it covers the inputs (the CPU does for
+// float32: a flash kernel that takes the prefix rows as its first key block).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +22,7 @@
 #include "blockwise_attention.h"
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 namespace peftkern {
@@ -46,20 +47,20 @@ struct PrefixAttentionKernels {
   void (*merge)(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2);
   // Row passes; the prefix part uses softmax_rows / probs_rows on its [B·Hkv, g·n, m] scores.
   AttentionRowKernels rows;
-  // Optional: the whole prefix part in one pass over the query rows, instead of the GEMMs and
-  // row passes (nullptr where a device has none). Each returns false, having touched nothing,
-  // for a dtype it does not cover. Tensors are in the compute dtype with rows of d
-  // contiguous (other strides any); lse is contiguous.
-  //   forward:  merges the prefix attention into the sequence part's (out, lse), in place.
-  //   backward: adds the prefix part to dq (when defined) and sets grad_k / grad_v (when
-  //             asked for) to the per-example prefix gradients [B, Hkv, m, d].
-  bool (*fused_prefix_forward)(const at::Tensor& q, const at::Tensor& prefix_k,
-                               const at::Tensor& prefix_v, at::Tensor& out, at::Tensor& lse,
-                               double scale);
-  bool (*fused_prefix_backward)(const at::Tensor& grad_out, const at::Tensor& q,
-                                const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                const at::Tensor& out, const at::Tensor& lse, double scale,
-                                at::Tensor& dq, at::Tensor* grad_k, at::Tensor* grad_v);
+  // Optional: the whole attention, prefix and sequence, in one kernel (nullptr where a device
+  // has none); nullopt, having done nothing, for inputs it does not cover. Tensors as for the
+  // parts above; mask [B, n] bool or undefined.
+  //   forward:  (out [B, Hq, n, d] in the heads layout, lse [B, Hq, n]).
+  //   backward: (dq, dk, dv, per-example prefix grads [B, Hkv, m, d]), each undefined when
+  //             its output_mask entry is false.
+  std::optional<std::tuple<at::Tensor, at::Tensor>> (*fused_forward)(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+      const at::Tensor& prefix_v, const at::Tensor& mask, bool causal, double scale);
+  std::optional<std::array<at::Tensor, 5>> (*fused_backward)(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
+      const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+      std::array<bool, 5> output_mask);
 };
 
 // Returns (out [B, Hq, n, d] in q's dtype, lse [B, Hq, n] in float32, float64 for float64 q).

@@ -234,6 +234,28 @@ def test_shared_prefix_gradient_is_bitwise_deterministic(device):
             assert torch.equal(first[name], again[name]), name
 
 
+def test_cpu_float32_result_does_not_depend_on_the_thread_count():
+    # Several query blocks, key blocks (n > 256) and forward spans (which depend on the thread
+    # count); GQA, head_dim off the vector width, padding mask. The backward owns one
+    # (example, key/value head) per unit and a span never changes a row's arithmetic, so the
+    # results are bitwise the same on any number of threads.
+    inp = make_inputs(2, 4, 2, 300, 7, 24, dtype=torch.float32)
+    mask = make_mask(2, 300, "random")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(both(inp, True, mask)[0])
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, grads_1), *others = results
+    for out, grads in others:
+        assert torch.equal(out, out_1)
+        for name in NAMES:
+            assert torch.equal(grads[name], grads_1[name]), name
+
+
 def test_backward_op_computes_only_requested_grads():
     inp = make_inputs(2, 2, 1, 5, 3, 8)
     args = [inp[k] for k in NAMES]

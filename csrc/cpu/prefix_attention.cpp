@@ -1,13 +1,10 @@
-// CPU side of the prefix attention: the sequence part, the merge pass and, for float32, the
-// fused prefix part (the orchestration is device-agnostic, ../prefix_attention.cpp).
-//
-// Sequence part: ATen's fused CPU flash-attention kernel, which reports its log-sum-exp and
-// whose backward accepts any (out, lse) — exactly what the merge needs, at the speed of plain
-// attention, with grouped-query attention and the padding mask handled inside the kernel.
-// float64 instead runs the blockwise path that the CUDA build uses (../blockwise_attention.h),
-// with the row passes below, and so does its prefix part: float64 is the dtype of the exact
-// reference tests and gradcheck, so that orchestration is verified on every machine, GPU or
-// not. float32 does the prefix part in one fused pass over the query rows (prefix_rows.h).
+// CPU side of the prefix attention. float32 (the dtype of training, and what half-precision
+// inputs are computed in) runs the flash kernel (flash_attention.h): prefix rows and sequence
+// keys in one pass, faster than ATen's own CPU flash attention without a prefix. float64 and
+// empty inputs run the device-agnostic orchestration (../prefix_attention.cpp) with the
+// blockwise sequence part that the CUDA build uses (../blockwise_attention.h), the row passes
+// below and a merge pass: float64 is the dtype of the exact reference tests and gradcheck, so
+// that orchestration is verified on every machine, GPU or not.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -20,7 +17,7 @@
 
 #include "../blockwise_attention.h"
 #include "../prefix_attention.h"
-#include "prefix_rows.h"
+#include "flash_attention.h"
 
 namespace peftkern::cpu {
 namespace {
@@ -146,208 +143,134 @@ void merge(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Ten
 
 constexpr AttentionRowKernels kCpuRows{&softmax_rows, &probs_rows, 4 << 20};
 
-// The padding mask as the additive bias the fused kernel takes: [B, 1, 1, n], 0 or -inf.
-std::optional<at::Tensor> additive_mask(const at::Tensor& mask, const at::Tensor& like) {
-  if (!mask.defined()) return std::nullopt;
-  const int64_t B = mask.size(0), n = mask.size(1);
-  return at::zeros({B, 1, 1, n}, like.options())
-      .masked_fill_(mask.logical_not().view({B, 1, 1, n}), -std::numeric_limits<double>::infinity());
-}
-
-// [B, 1, n]: true where query i sees no sequence key (every key it may see is padded).
-at::Tensor sees_no_key(const at::Tensor& mask, bool causal) {
-  const at::Tensor none = causal ? mask.cumsum(-1).eq(0)
-                                 : mask.logical_not().all(-1, /*keepdim=*/true).expand_as(mask);
-  return none.unsqueeze(1);
-}
-
-// ATen's fused CPU kernel divides by the sequence length: empty inputs take the blockwise path.
-bool empty_attention(const at::Tensor& q, const at::Tensor& k) {
-  return q.numel() == 0 || k.numel() == 0;
-}
-
 std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, const at::Tensor& mask,
                                                     bool causal, double scale) {
-  if (q.scalar_type() == at::kDouble || empty_attention(q, k)) {
-    return blockwise_attention_forward(kCpuRows, q, k, v, mask, causal, scale);
-  }
-  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
-      q, k, v, 0.0, causal, additive_mask(mask, q), scale);
-  lse = lse.contiguous();  // the kernel's lse is [B, n, H] in memory
-  // The fused kernel reports lse = 0 (and out = 0) for a query that sees no key; the merge
-  // needs -inf there so that such a query takes the prefix part alone.
-  if (mask.defined()) lse.masked_fill_(sees_no_key(mask, causal), -std::numeric_limits<double>::infinity());
-  return {out, lse};
+  return blockwise_attention_forward(kCpuRows, q, k, v, mask, causal, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
     double scale, std::array<bool, 3> needed) {
-  if (q.scalar_type() == at::kDouble || empty_attention(q, k)) {
-    return blockwise_attention_backward(kCpuRows, grad_out, q, k, v, mask, out, lse, causal, scale,
-                                        needed);
-  }
-  // lse is -inf only on queries that see no key at all (m = 0); every score of such a row is
-  // masked, so any finite lse there gives the right probabilities (0) instead of exp(NaN).
-  const at::Tensor finite_lse = mask.defined() ? lse.masked_fill(lse.isneginf(), 0.0) : lse;
-  return at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      grad_out, q, k, v, out, finite_lse, 0.0, causal, additive_mask(mask, q), scale);
+  return blockwise_attention_backward(kCpuRows, grad_out, q, k, v, mask, out, lse, causal, scale,
+                                      needed);
 }
 
-// The fused prefix part (prefix_rows.h) for float32. float64 keeps the GEMM path: it is the
-// one the CUDA build runs, and float64 is the dtype of the exact reference tests.
-class FusedPrefix {
- public:
-  FusedPrefix(const at::Tensor& prefix_k, const at::Tensor& prefix_v, double scale)
-      : k_(prefix_k.contiguous()),
-        v_(prefix_v.contiguous()),
-        m_(prefix_k.size(-2)),
-        m_pad_((m_ + 15) / 16 * 16),
-        d_(prefix_k.size(-1)),
-        kv_heads_(prefix_k.size(-3)),
-        shared_(prefix_k.dim() == 3),
-        k_t_(padded_transpose(k_)),
-        v_t_(padded_transpose(v_)),
-        scale_(static_cast<float>(scale)) {}
-
-  // The prefix of batch-head bh (b·Hkv + h).
-  PrefixRows rows_of(int64_t bh) const {
-    const int64_t head = shared_ ? bh % kv_heads_ : bh;
-    const int64_t plain = head * m_ * d_, padded = head * d_ * m_pad_;
-    return {k_.const_data_ptr<float>() + plain, v_.const_data_ptr<float>() + plain,
-            k_t_.const_data_ptr<float>() + padded, v_t_.const_data_ptr<float>() + padded,
-            m_, m_pad_, d_, scale_};
-  }
-  int64_t m() const { return m_; }
-  int64_t d() const { return d_; }
-  int64_t kv_heads() const { return kv_heads_; }
-
- private:
-  // [..., m, d] → [..., d, m_pad], the columns past m zero.
-  at::Tensor padded_transpose(const at::Tensor& p) const {
-    std::vector<int64_t> shape(p.sizes().begin(), p.sizes().end() - 2);
-    shape.insert(shape.end(), {d_, m_pad_});
-    at::Tensor t = at::zeros(shape, p.options());
-    t.narrow(-1, 0, m_).copy_(p.transpose(-1, -2));
-    return t;
-  }
-
-  at::Tensor k_, v_;
-  int64_t m_, m_pad_, d_, kv_heads_;
-  bool shared_;
-  at::Tensor k_t_, v_t_;
-  float scale_;
-};
-
-// A [B, H, n, d] float tensor whose rows of d are contiguous, addressed by (b, h, i) through
-// its strides: contiguous tensors and the [B, n, H, d] memory of projections alike.
-struct HeadRows {
-  explicit HeadRows(const at::Tensor& t)
-      : data(t.defined() ? t.data_ptr<float>() : nullptr),
-        batch_stride(t.defined() ? t.stride(0) : 0),
-        head_stride(t.defined() ? t.stride(1) : 0),
-        row_stride(t.defined() ? t.stride(2) : 0) {}
-  float* row(int64_t b, int64_t h, int64_t i) const {
-    return data ? data + b * batch_stride + h * head_stride + i * row_stride : nullptr;
-  }
-  float* data;
-  int64_t batch_stride, head_stride, row_stride;
-};
-
-// Calls body(b, h, i, count) for the runs of consecutive query rows i..i+count of one head
-// (b, h) that make up the flat rows [begin, end) of [B, H, n] (row = (b·H + h)·n + i).
-template <typename F>
-void for_each_head_run(int64_t begin, int64_t end, int64_t heads, int64_t n, F&& body) {
-  for (int64_t row = begin; row < end;) {
-    const int64_t head = row / n, i = row % n;
-    const int64_t count = std::min(end - row, n - i);
-    body(head / heads, head % heads, i, count);
-    row += count;
-  }
+// The flash kernel covers float32 with at least one query and one key; everything else takes
+// the part-by-part path.
+bool flash_covers(const at::Tensor& q, const at::Tensor& k) {
+  return q.scalar_type() == at::kFloat && q.numel() > 0 && k.numel() > 0;
 }
 
-// Query rows of one batch element taken kRowBlock positions at a time, every head of a block
-// before the next block: projections lay q and out out as [B, n, H, d], where one position's
-// heads are contiguous, so a block is one contiguous stretch of memory however the heads are
-// strided (head by head, each row would be a fresh 2 KB stride away at H = 8, d = 64).
-constexpr int64_t kRowBlock = 16;
+FlashRows flash_rows(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
+}
 
-bool fused_prefix_forward(const at::Tensor& q, const at::Tensor& prefix_k,
-                          const at::Tensor& prefix_v, at::Tensor& out, at::Tensor& lse,
-                          double scale) {
-  // Empty inputs (no rows, or head_dim 0) go to the GEMM path, which handles every shape.
-  if (q.scalar_type() != at::kFloat || q.numel() == 0) return false;
-  const FusedPrefix prefix(prefix_k, prefix_v, scale);
-  const int64_t Hq = q.size(1), n = q.size(2), group = Hq / prefix.kv_heads();
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const HeadRows Q(q), O(out);
-  float* lse_data = lse.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (kRowBlock * Hq * prefix.m() * prefix.d()));
-  at::parallel_for(0, q.size(0) * blocks, grain, [&](int64_t begin, int64_t end) {
+// [B, n_pad]: 0 for a kept key, -inf for padding; n_pad = n rounded up to 16 so that the
+// kernel reads whole vectors.
+at::Tensor key_bias_of(const at::Tensor& mask) {
+  const int64_t B = mask.size(0), n = mask.size(1), n_pad = (n + 15) / 16 * 16;
+  at::Tensor bias = at::zeros({B, n_pad}, mask.options().dtype(at::kFloat));
+  bias.narrow(1, 0, n).masked_fill_(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  return bias;
+}
+
+FlashAttention flash_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                             const at::Tensor& key_bias, bool causal, double scale) {
+  FlashAttention a{};
+  a.heads_q = q.size(1);
+  a.heads_kv = k.size(1);
+  a.n = q.size(2);
+  a.m = prefix_k.size(-2);
+  a.d = q.size(3);
+  a.causal = causal;
+  a.scale = static_cast<float>(scale);
+  a.q = flash_rows(q);
+  a.k = flash_rows(k);
+  a.v = flash_rows(v);
+  a.prefix_k = prefix_k.const_data_ptr<float>();
+  a.prefix_v = prefix_v.const_data_ptr<float>();
+  a.shared_prefix = prefix_k.dim() == 3;
+  a.key_bias = key_bias.defined() ? key_bias.const_data_ptr<float>() : nullptr;
+  a.key_bias_stride = key_bias.defined() ? key_bias.size(1) : 0;
+  return a;
+}
+
+// A [B, H, n, d] float32 tensor in the heads layout ([B, n, H, d] memory), zero-filled.
+at::Tensor zeros_in_heads_layout(const at::Tensor& like) {
+  return at::zeros({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options())
+      .transpose(1, 2);
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> flash_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const at::Tensor& mask, bool causal, double scale) {
+  if (!flash_covers(q, k)) return std::nullopt;
+  const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  const at::Tensor key_bias = mask.defined() ? key_bias_of(mask) : at::Tensor();
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), n = q.size(2), d = q.size(3);
+  at::Tensor out = at::empty({B, n, Hq, d}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({B, Hq, n}, q.options());
+  FlashAttention a = flash_problem(q, k, v, pk, pv, key_bias, causal, scale);
+  a.out = flash_rows(out);
+  a.lse = lse.data_ptr<float>();
+  // Units of (example, key/value head, span of query positions): enough of them to keep every
+  // thread busy when B·Hkv is small (a causal span's work grows with its position, so a few
+  // units per thread even that out).
+  const int64_t heads = B * Hkv, blocks = (n + kFlashQueryBlock - 1) / kFlashQueryBlock;
+  const int64_t spans =
+      std::clamp<int64_t>((4 * at::get_num_threads() + heads - 1) / heads, 1, blocks);
+  const int64_t span = (blocks + spans - 1) / spans * kFlashQueryBlock;
+  at::parallel_for(0, heads * spans, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / blocks, i = unit % blocks * kRowBlock;
-      const int64_t count = std::min(kRowBlock, n - i);
-      for (int64_t h = 0; h < Hq; ++h) {
-        prefix_forward_rows(prefix.rows_of(b * prefix.kv_heads() + h / group), Q.row(b, h, i),
-                            Q.row_stride, O.row(b, h, i), O.row_stride,
-                            lse_data + (b * Hq + h) * n + i, count);
-      }
+      const int64_t bh = unit / spans, first = unit % spans * span;
+      if (first < n) flash_forward_unit(a, bh / Hkv, bh % Hkv, first, std::min(n, first + span));
     }
   });
-  return true;
+  return std::make_tuple(out, lse);
 }
 
-bool fused_prefix_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                           const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                           const at::Tensor& out, const at::Tensor& lse, double scale,
-                           at::Tensor& dq, at::Tensor* grad_k, at::Tensor* grad_v) {
-  if (q.scalar_type() != at::kFloat || q.numel() == 0) return false;  // as in the forward
-  const FusedPrefix prefix(prefix_k, prefix_v, scale);
-  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), Hkv = prefix.kv_heads();
-  const int64_t group = Hq / Hkv, bh_count = B * Hkv, rows_per_bh = group * n;
-  const int64_t m = prefix.m(), d = prefix.d();
-  // Each unit (a batch-head, or a fixed slice of its rows when there are few batch-heads)
-  // owns its prefix-gradient accumulators, summed afterwards in a fixed order: the result
-  // depends on the shapes only, never on the thread count, so it is bitwise reproducible.
-  const int64_t slices = std::clamp<int64_t>((64 + bh_count - 1) / bh_count, 1,
-                                             (rows_per_bh + 127) / 128);
-  const int64_t slice_rows = (rows_per_bh + slices - 1) / slices;
-  const auto partials = [&](bool needed) {
-    return needed ? at::zeros({bh_count, slices, m, d}, q.options()) : at::Tensor();
+std::optional<std::array<at::Tensor, 5>> flash_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    std::array<bool, 5> output_mask) {
+  if (!flash_covers(q, k)) return std::nullopt;
+  const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  const at::Tensor key_bias = mask.defined() ? key_bias_of(mask) : at::Tensor();
+  const int64_t B = q.size(0), Hkv = k.size(1), m = pk.size(-2), d = q.size(3);
+  const auto grad_like = [&](bool needed, const at::Tensor& t) {
+    return needed ? zeros_in_heads_layout(t) : at::Tensor();
   };
-  at::Tensor k_parts = partials(grad_k != nullptr), v_parts = partials(grad_v != nullptr);
-  const HeadRows Q(q), dO(grad_out), O(out), dQ(dq), K_parts(k_parts), V_parts(v_parts);
-  const float* lse_data = lse.const_data_ptr<float>();
-  at::parallel_for(0, bh_count * slices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t bh = unit / slices, slice = unit % slices, b = bh / Hkv, kv_head = bh % Hkv;
-      const int64_t first = slice * slice_rows;
-      const int64_t last = std::min(first + slice_rows, rows_per_bh);
-      // The unit's rows are those of its query heads kv_head·group + [0, group).
-      const int64_t head_base = b * Hq + kv_head * group;
-      for_each_head_run(head_base * n + first, head_base * n + std::max(first, last), Hq, n,
-                        [&](int64_t b_, int64_t h, int64_t i, int64_t count) {
-        const PrefixGradRows rows{Q.row(b_, h, i), dO.row(b_, h, i), O.row(b_, h, i),
-                                  dQ.row(b_, h, i), Q.row_stride, dO.row_stride, O.row_stride,
-                                  dQ.row_stride, lse_data + (b_ * Hq + h) * n + i};
-        prefix_backward_rows(prefix.rows_of(bh), rows, K_parts.row(bh, slice, 0),
-                             V_parts.row(bh, slice, 0), count);
-      });
-    }
+  const auto prefix_grad = [&](bool needed) {
+    return needed && m > 0 ? at::zeros({B, Hkv, m, d}, q.options()) : at::Tensor();
+  };
+  std::array<at::Tensor, 5> grads{grad_like(output_mask[0], q), grad_like(output_mask[1], k),
+                                  grad_like(output_mask[2], v), prefix_grad(output_mask[3]),
+                                  prefix_grad(output_mask[4])};
+  const at::Tensor lse_c = lse.contiguous();
+  FlashAttention a = flash_problem(q, k, v, pk, pv, key_bias, causal, scale);
+  a.out = flash_rows(out);
+  a.lse = lse_c.data_ptr<float>();
+  a.grad_out = flash_rows(grad_out);
+  a.dq = flash_rows(grads[0]);
+  a.dk = flash_rows(grads[1]);
+  a.dv = flash_rows(grads[2]);
+  a.grad_prefix_k = grads[3].defined() ? grads[3].data_ptr<float>() : nullptr;
+  a.grad_prefix_v = grads[4].defined() ? grads[4].data_ptr<float>() : nullptr;
+  // One unit per (example, key/value head): it alone adds to that head's dk, dv and prefix
+  // gradients, so nothing is shared between threads and the result is bitwise reproducible.
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) flash_backward_unit(a, bh / Hkv, bh % Hkv);
   });
-  const auto per_example = [&](const at::Tensor& parts) {
-    return (slices == 1 ? parts.squeeze(1) : parts.sum(1)).view({B, Hkv, m, d});
-  };
-  if (grad_k != nullptr) *grad_k = per_example(k_parts);
-  if (grad_v != nullptr) *grad_v = per_example(v_parts);
-  return true;
+  return grads;
 }
 
 constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge,
-                                             kCpuRows, &fused_prefix_forward,
-                                             &fused_prefix_backward};
+                                             kCpuRows, &flash_forward, &flash_backward};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

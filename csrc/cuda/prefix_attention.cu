@@ -198,10 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
                                       needed);
 }
 
-// No fused prefix part yet: the prefix runs as batched GEMMs and the row passes above.
+// No fused kernel yet: the prefix runs as batched GEMMs and the row passes above.
 constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge,
-                                              kCudaRows, /*fused_prefix_forward=*/nullptr,
-                                              /*fused_prefix_backward=*/nullptr};
+                                              kCudaRows, /*fused_forward=*/nullptr,
+                                              /*fused_backward=*/nullptr};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

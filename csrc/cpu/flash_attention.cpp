@@ -1,4 +1,4 @@
-#include "prefix_rows.h"
+#include "flash_attention.h"
 
 #include <algorithm>
 #include <cmath>
@@ -18,18 +18,17 @@
 
 namespace peftkern::cpu {
 
-#define PEFTKERN_ISA_IMPL "prefix_rows_impl.h"
+#define PEFTKERN_ISA_IMPL "flash_attention_impl.h"
 #include "isa_variants.h"
 #undef PEFTKERN_ISA_IMPL
 
-void prefix_forward_rows(const PrefixRows& prefix, const float* q, int64_t q_stride, float* out,
-                         int64_t out_stride, float* lse, int64_t rows) {
-  PEFTKERN_ISA_DISPATCH(prefix_forward_rows_impl(prefix, q, q_stride, out, out_stride, lse, rows));
+void flash_forward_unit(const FlashAttention& a, int64_t b, int64_t kv_head, int64_t q_begin,
+                        int64_t q_end) {
+  PEFTKERN_ISA_DISPATCH(flash_forward_unit_impl(a, b, kv_head, q_begin, q_end));
 }
 
-void prefix_backward_rows(const PrefixRows& prefix, const PrefixGradRows& rows_view,
-                          float* grad_k, float* grad_v, int64_t rows) {
-  PEFTKERN_ISA_DISPATCH(prefix_backward_rows_impl(prefix, rows_view, grad_k, grad_v, rows));
+void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t kv_head) {
+  PEFTKERN_ISA_DISPATCH(flash_backward_unit_impl(a, b, kv_head));
 }
 
 }  // namespace peftkern::cpu
