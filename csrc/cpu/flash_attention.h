@@ -12,7 +12,7 @@ namespace peftkern::cpu {
 // Query positions per block. A unit's span of positions starts at a multiple of it, so every
 // position falls in the same block, tile and arithmetic however the spans are cut (the
 // result does not depend on the thread count).
-constexpr int64_t kFlashQueryBlock = 32;
+constexpr int64_t kFlashQueryBlock = 64;
 
 // The rows of d floats of a [B, H, n, d] tensor, addressed through its strides, so that both
 // contiguous tensors and the [B, n, H, d] memory of projections are read in place. A null

@@ -2,21 +2,34 @@
 // without includes on purpose: flash_attention.cpp includes it once per vector ISA, inside a
 // namespace and a `#pragma GCC target` region.
 //
-// Vectors are GCC vector types (`Lanes`: kLanes floats, one AVX-512 register, two AVX2 or
-// four SSE ones). Every product goes through one micro-kernel, gemm_rows: a tile of
-// kTileRows rows × kTileVectors column vectors of the result stays in registers (16
-// accumulators, enough independent chains to keep the FMA units busy) while the inner
-// dimension streams past, each loaded vector serving the tile's rows and each broadcast value
-// its columns. Scores are Q·Kᵀ against a transposed copy of the key block, so that they too
-// come out as rows of vectors.
+// Vectors are GCC vector types of one register of the ISA (`Lanes`: kLanes floats; GCC keeps
+// a wider vector type in memory between operations, which made an AVX2 build 10× slower).
+// Every product goes through one micro-kernel, gemm_rows: a tile of kTileRows rows ×
+// kTileVectors column vectors of the result stays in registers (enough independent chains to
+// keep the FMA units busy, leaving registers for the operands) while the inner dimension
+// streams past, each loaded vector serving the tile's rows and each broadcast value its
+// columns. Scores are Q·Kᵀ against a transposed copy of the key block, so that they too come
+// out as rows of vectors.
 
-constexpr int64_t kLanes = 16;
-constexpr int kTileRows = 4;
+#if defined(PEFTKERN_ISA_AVX512)
+constexpr int64_t kLanes = 16;  // zmm; 4 × 4 accumulators of the 32 registers
 constexpr int kTileVectors = 4;
-// Query rows per block (flash_attention.h) and sequence keys per key block: a block's scores
-// (32 × 256 floats) and its output accumulators stay in the L1/L2 cache.
-constexpr int64_t kQueryBlock = kFlashQueryBlock;
+#elif defined(PEFTKERN_ISA_AVX2)
+constexpr int64_t kLanes = 8;  // ymm; 4 × 2 accumulators of the 16 registers
+constexpr int kTileVectors = 2;
+#else
+constexpr int64_t kLanes = 4;  // xmm
+constexpr int kTileVectors = 2;
+#endif
+constexpr int kTileRows = 4;
+
+// Sequence keys per key block, and query rows per block: forward (flash_attention.h) and
+// backward. A forward query block streams every key block it sees past its accumulators, so
+// it is taller; a backward one holds P and dS for the whole key block. The scores of a block
+// (at most 64 × 256 floats) stay in the L2 cache.
 constexpr int64_t kKeyBlock = 256;
+constexpr int64_t kQueryBlock = kFlashQueryBlock;
+constexpr int64_t kBackwardQueryBlock = 32;
 
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t LaneInts __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -54,7 +67,8 @@ inline float lane_max(Lanes v) {
 
 // Lanes of the vector at column jb that hold one of the first `count` columns.
 inline LaneInts columns_below(int64_t jb, int64_t count) {
-  const LaneInts lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  LaneInts lane = {};
+  for (int32_t l = 0; l < kLanes; ++l) lane[l] = l;  // folded into a constant
   return lane + static_cast<int32_t>(jb) < static_cast<int32_t>(count);
 }
 
@@ -185,24 +199,32 @@ struct KeyBlock {
   int64_t first;
 };
 
-// Calls body(KeyBlock) for the prefix rows (when m > 0) and then for the blocks of sequence
-// keys that queries [i0, i0 + rows) may see. kt / vt hold the transposed sequence keys and
-// values [d, transposed_ld(n)], pkt / pvt those of the prefix [d, transposed_ld(m)].
+// Calls body(KeyBlock) for the prefix rows (when m > 0) and then for each block of the
+// sequence keys of (b, kv_head). kt / vt hold the transposed sequence keys and values
+// [d, transposed_ld(n)], pkt / pvt those of the prefix [d, transposed_ld(m)].
 template <typename F>
-void for_each_key_block(const FlashAttention& a, int64_t b, int64_t kv_head, int64_t i0,
-                        int64_t rows, const float* kt, const float* vt, const float* pkt,
-                        const float* pvt, F&& body) {
+void for_each_key_block(const FlashAttention& a, int64_t b, int64_t kv_head, const float* kt,
+                        const float* vt, const float* pkt, const float* pvt, F&& body) {
   if (a.m > 0) {
     const int64_t prefix_head = a.shared_prefix ? kv_head : b * a.heads_kv + kv_head;
     const int64_t offset = prefix_head * a.m * a.d;
-    body(KeyBlock{pkt, transposed_ld(a.m), pvt, a.prefix_k + offset, a.prefix_v + offset, a.d, a.m, -1});
+    body(KeyBlock{pkt, transposed_ld(a.m), pvt, a.prefix_k + offset, a.prefix_v + offset, a.d,
+                  a.m, -1});
   }
-  const int64_t end = a.causal ? std::min(a.n, i0 + rows) : a.n;
   const int64_t ldkt = transposed_ld(a.n);
-  for (int64_t j0 = 0; j0 < end; j0 += kKeyBlock) {
+  for (int64_t j0 = 0; j0 < a.n; j0 += kKeyBlock) {
     body(KeyBlock{kt + j0, ldkt, vt ? vt + j0 : nullptr, a.k.row(b, kv_head, j0),
-                  a.v.row(b, kv_head, j0), a.k.row_stride, std::min(kKeyBlock, end - j0), j0});
+                  a.v.row(b, kv_head, j0), a.k.row_stride, std::min(kKeyBlock, a.n - j0), j0});
   }
+}
+
+// The keys of `block` that query rows [i0, i0 + rows) may see: under the causal rule a
+// sequence block is cut after the last row's position (count 0: none of them).
+inline KeyBlock seen_by(KeyBlock block, const FlashAttention& a, int64_t i0, int64_t rows) {
+  if (a.causal && block.first >= 0) {
+    block.count = std::clamp<int64_t>(i0 + rows - block.first, 0, block.count);
+  }
+  return block;
 }
 
 // Scaled scores of query i against the block, -inf where a key is hidden (past the causal
@@ -266,8 +288,9 @@ inline void flash_forward_unit_impl(const FlashAttention& a, int64_t b, int64_t 
       std::fill(acc, acc + rows * d, 0.0f);
       std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
       std::fill(row_sum, row_sum + rows, 0.0f);
-      for_each_key_block(a, b, kv_head, i0, rows, kt, nullptr, pkt, nullptr,
-                         [&](const KeyBlock& block) {
+      for_each_key_block(a, b, kv_head, kt, nullptr, pkt, nullptr, [&](const KeyBlock& all) {
+        const KeyBlock block = seen_by(all, a, i0, rows);
+        if (block.count == 0) return;
         const int64_t ld = padded(block.count);
         gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, scores,
                          ld);
@@ -318,6 +341,9 @@ inline void probabilities(float* row, const FlashAttention& a, int64_t b, const 
   exp_shifted(row, block.count, lse);
 }
 
+// Key blocks outside, query blocks inside: a key block's dK and dV rows stay in the cache
+// while every query block that sees it adds to them, and only dq is revisited (once per key
+// block) instead of dK and dV once per query block.
 inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t kv_head) {
   const int64_t d = a.d, group = a.heads_q / a.heads_kv, n = a.n;
   const int64_t block_cols = std::max(kKeyBlock, padded(a.m));
@@ -325,9 +351,9 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
   float* vt = kt + d * transposed_ld(n);
   float* pkt = scratch(1, 2 * d * transposed_ld(a.m)).data();
   float* pvt = pkt + d * transposed_ld(a.m);
-  float* probs = scratch(2, 2 * kQueryBlock * block_cols).data();
-  float* dscores = probs + kQueryBlock * block_cols;
-  float* row_d = scratch(3, kQueryBlock).data();
+  float* probs = scratch(2, 2 * kBackwardQueryBlock * block_cols).data();
+  float* dscores = probs + kBackwardQueryBlock * block_cols;
+  float* row_d = scratch(3, group * n).data();  // D = rowsum(dO ⊙ O) of every query row
   pack_transposed(a.k.row(b, kv_head, 0), a.k.row_stride, n, d, kt, transposed_ld(n));
   pack_transposed(a.v.row(b, kv_head, 0), a.v.row_stride, n, d, vt, transposed_ld(n));
   const int64_t prefix_head = a.shared_prefix ? kv_head : b * a.heads_kv + kv_head;
@@ -335,18 +361,32 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
     pack_transposed(a.prefix_k + prefix_head * a.m * d, d, a.m, d, pkt, transposed_ld(a.m));
     pack_transposed(a.prefix_v + prefix_head * a.m * d, d, a.m, d, pvt, transposed_ld(a.m));
   }
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = kv_head * group + g;
+    for (int64_t i = 0; i < n; ++i) {
+      row_d[g * n + i] = dot(a.grad_out.row(b, h, i), a.out.row(b, h, i), d);
+    }
+  }
   const int64_t prefix_grad_offset = (b * a.heads_kv + kv_head) * a.m * d;
-  for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-    for (int64_t i0 = 0; i0 < n; i0 += kQueryBlock) {
-      const int64_t rows = std::min(kQueryBlock, n - i0);
-      const float* q = a.q.row(b, h, i0);
-      const float* grad_out = a.grad_out.row(b, h, i0);
-      const float* lse = a.lse + (b * a.heads_q + h) * n + i0;
-      for (int64_t r = 0; r < rows; ++r) {  // D = rowsum(dO ⊙ O)
-        row_d[r] = dot(grad_out + r * a.grad_out.row_stride, a.out.row(b, h, i0 + r), d);
-      }
-      for_each_key_block(a, b, kv_head, i0, rows, kt, vt, pkt, pvt, [&](const KeyBlock& block) {
+  for_each_key_block(a, b, kv_head, kt, vt, pkt, pvt, [&](const KeyBlock& all) {
+    const bool prefix = all.first < 0;
+    float* dk = prefix ? (a.grad_prefix_k ? a.grad_prefix_k + prefix_grad_offset : nullptr)
+                       : (a.dk.data ? a.dk.row(b, kv_head, all.first) : nullptr);
+    float* dv = prefix ? (a.grad_prefix_v ? a.grad_prefix_v + prefix_grad_offset : nullptr)
+                       : (a.dv.data ? a.dv.row(b, kv_head, all.first) : nullptr);
+    const int64_t ld_dk = prefix ? d : a.dk.row_stride, ld_dv = prefix ? d : a.dv.row_stride;
+    // Under the causal rule no query before the block's first key sees it.
+    const int64_t first_block = a.causal && !prefix ? all.first / kBackwardQueryBlock * kBackwardQueryBlock : 0;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kv_head * group + g;
+      for (int64_t i0 = first_block; i0 < n; i0 += kBackwardQueryBlock) {
+        const int64_t rows = std::min(kBackwardQueryBlock, n - i0);
+        const KeyBlock block = seen_by(all, a, i0, rows);
+        if (block.count == 0) continue;
         const int64_t ld = padded(block.count);
+        const float* q = a.q.row(b, h, i0);
+        const float* grad_out = a.grad_out.row(b, h, i0);
+        const float* lse = a.lse + (b * a.heads_q + h) * n + i0;
         gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, probs,
                          ld);
         gemm_rows<false>(rows, ld, d, Operand{grad_out, a.grad_out.row_stride, 1}, block.vt,
@@ -355,16 +395,11 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
           float* p = probs + r * ld;
           float* ds = dscores + r * ld;
           probabilities(p, a, b, block, i0 + r, lse[r]);
+          const float row_grad = row_d[g * n + i0 + r];
           for (int64_t jb = 0; jb < ld; jb += kLanes) {  // dS = P ⊙ (dP - D), scale folded in
-            store(ds + jb, a.scale * load(p + jb) * (load(ds + jb) - row_d[r]));
+            store(ds + jb, a.scale * load(p + jb) * (load(ds + jb) - row_grad));
           }
         }
-        const bool prefix = block.first < 0;
-        float* dk = prefix ? (a.grad_prefix_k ? a.grad_prefix_k + prefix_grad_offset : nullptr)
-                           : (a.dk.data ? a.dk.row(b, kv_head, block.first) : nullptr);
-        float* dv = prefix ? (a.grad_prefix_v ? a.grad_prefix_v + prefix_grad_offset : nullptr)
-                           : (a.dv.data ? a.dv.row(b, kv_head, block.first) : nullptr);
-        const int64_t ld_dk = prefix ? d : a.dk.row_stride, ld_dv = prefix ? d : a.dv.row_stride;
         if (a.dq.data != nullptr) {  // dQ += dS·K
           gemm_rows<true>(rows, d, block.count, Operand{dscores, ld, 1}, block.k_rows, block.ld,
                           a.dq.row(b, h, i0), a.dq.row_stride);
@@ -377,7 +412,7 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
           gemm_rows<true>(block.count, d, rows, Operand{probs, 1, ld}, grad_out,
                           a.grad_out.row_stride, dv, ld_dv);
         }
-      });
+      }
     }
-  }
+  });
 }

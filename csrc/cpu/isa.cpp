@@ -2,6 +2,12 @@
 
 #include "isa_variants.h"
 
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
 namespace peftkern::cpu {
 namespace {
 
@@ -18,10 +24,25 @@ Isa detect_isa() {
   return Isa::baseline;
 }
 
+// PEFTKERN_CPU_ISA=avx2 or =baseline selects a lesser variant than the CPU supports (never a
+// greater one): how the tests run every variant on one machine, and a way around a variant
+// that misbehaves somewhere.
+Isa requested_isa(Isa detected) {
+  const char* name = std::getenv("PEFTKERN_CPU_ISA");
+  if (name == nullptr || *name == '\0') return detected;
+  const std::string requested(name);
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::baseline}) {
+    // The enumerators run from the most capable to the least: max is the lesser of the two.
+    if (requested == isa_name(isa)) return std::max(isa, detected);
+  }
+  TORCH_CHECK(false, "peftkern: PEFTKERN_CPU_ISA must be avx512, avx2 or baseline, got '",
+              requested, "'");
+}
+
 }  // namespace
 
 Isa selected_isa() {
-  static const Isa selected = detect_isa();
+  static const Isa selected = requested_isa(detect_isa());
   return selected;
 }
 

@@ -1,8 +1,10 @@
-// The x86 vector ISA the CPU row kernels run with, detected once per process.
+// The x86 vector ISA the CPU row kernels run with, detected once per process (the environment
+// variable PEFTKERN_CPU_ISA may ask for a lesser one, see isa.cpp).
 #pragma once
 
 namespace peftkern::cpu {
 
+// From the most capable to the least.
 enum class Isa { avx512, avx2, baseline };
 
 Isa selected_isa();

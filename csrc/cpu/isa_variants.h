@@ -6,9 +6,10 @@
 //   #include "isa_variants.h"
 //   ... PEFTKERN_ISA_DISPATCH(my_function(args...)); ...
 // The body gets namespaces avx512::, avx2:: (GCC on x86-64 only) and baseline::, each compiled
-// under its own `#pragma GCC target`. Without PEFTKERN_ISA_IMPL this header only defines the
-// macros. A body that uses intrinsics under PEFTKERN_ISA_AVX512 needs <immintrin.h>
-// included by its .cpp before this header.
+// under its own `#pragma GCC target`, with PEFTKERN_ISA_AVX512 or PEFTKERN_ISA_AVX2 defined
+// in the first two. Without PEFTKERN_ISA_IMPL this header only defines the macros. A body
+// that uses intrinsics under PEFTKERN_ISA_AVX512 needs <immintrin.h> included by its .cpp
+// before this header.
 #include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -29,7 +30,9 @@ namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define PEFTKERN_ISA_AVX2 1
 #include PEFTKERN_ISA_IMPL
+#undef PEFTKERN_ISA_AVX2
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
