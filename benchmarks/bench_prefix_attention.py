@@ -1,8 +1,9 @@
 """Prefix attention benchmark table: `python benchmarks/bench_prefix_attention.py [--csv F] [--json F]`.
 
-CPU: fp32 B=4, H=8, n=512, m=16, d=64, causal. GPU (when present): bf16 B=8, H=32, n=2048,
+CPU: fp32 B=4, H=8, n=512, m=16, d=64, causal (a decoder), and B=2, H=12, n=512, m=20, d=64
+not causal (a BERT-base-sized encoder). GPU (when present): bf16 B=8, H=32, n=2048,
 m=20, d=128. Providers: `no-prefix` (SDPA over the sequence alone, the floor), `concat+sdpa`
-(concatenated prefix + explicit mask) and `peftkern`. Times are medians of interleaved
+(concatenated prefix, with an explicit mask when causal) and `peftkern`. Times are medians of interleaved
 rounds, reported as a ratio to the floor measured in the same run.
 """
 

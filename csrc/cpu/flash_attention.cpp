@@ -27,8 +27,8 @@ void flash_forward_unit(const FlashAttention& a, int64_t b, int64_t kv_head, int
   PEFTKERN_ISA_DISPATCH(flash_forward_unit_impl(a, b, kv_head, q_begin, q_end));
 }
 
-void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t kv_head) {
-  PEFTKERN_ISA_DISPATCH(flash_backward_unit_impl(a, b, kv_head));
+void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t h) {
+  PEFTKERN_ISA_DISPATCH(flash_backward_unit_impl(a, b, h));
 }
 
 }  // namespace peftkern::cpu

@@ -42,10 +42,13 @@ struct FlashAttention {
   FlashRows out;
   float* lse;
   // Backward: the output gradient in, and the gradients out (zero-filled by the caller, each
-  // optional): dq, dk, dv like q, k, v, and the prefix's per example [B, Hkv, m, d].
+  // optional): dq like q; dk, dv like k, v and the prefix's per example [B, Hkv, m, d] — or,
+  // with key_grads_per_query_head, those three with Hq heads: each query head's share, for
+  // the caller to sum over the heads of a group (units then never write the same rows).
   FlashRows grad_out, dq, dk, dv;
   float* grad_prefix_k;
   float* grad_prefix_v;
+  bool key_grads_per_query_head;
 };
 
 // Query positions [q_begin, q_end) (q_begin a multiple of kFlashQueryBlock) of the query heads that share key/value head kv_head of
@@ -53,9 +56,9 @@ struct FlashAttention {
 void flash_forward_unit(const FlashAttention& a, int64_t b, int64_t kv_head, int64_t q_begin,
                         int64_t q_end);
 
-// Every query position of the query heads that share key/value head kv_head of example b:
-// adds to dq for those heads and to dk, dv and the prefix gradients of (b, kv_head), which
-// no other unit touches.
-void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t kv_head);
+// Every query position of query head h of example b: adds to dq of (b, h) and to the key,
+// value and prefix gradients of its key/value head (or of h itself, with
+// key_grads_per_query_head), which no other unit touches.
+void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t h);
 
 }  // namespace peftkern::cpu

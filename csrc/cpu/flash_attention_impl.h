@@ -344,8 +344,10 @@ inline void probabilities(float* row, const FlashAttention& a, int64_t b, const 
 // Key blocks outside, query blocks inside: a key block's dK and dV rows stay in the cache
 // while every query block that sees it adds to them, and only dq is revisited (once per key
 // block) instead of dK and dV once per query block.
-inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t kv_head) {
-  const int64_t d = a.d, group = a.heads_q / a.heads_kv, n = a.n;
+inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t h) {
+  const int64_t d = a.d, n = a.n, kv_head = h / (a.heads_q / a.heads_kv);
+  const int64_t grad_head = a.key_grads_per_query_head ? h : kv_head;
+  const int64_t grad_heads = a.key_grads_per_query_head ? a.heads_q : a.heads_kv;
   const int64_t block_cols = std::max(kKeyBlock, padded(a.m));
   float* kt = scratch(0, 2 * d * transposed_ld(n)).data();
   float* vt = kt + d * transposed_ld(n);
@@ -353,7 +355,7 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
   float* pvt = pkt + d * transposed_ld(a.m);
   float* probs = scratch(2, 2 * kBackwardQueryBlock * block_cols).data();
   float* dscores = probs + kBackwardQueryBlock * block_cols;
-  float* row_d = scratch(3, group * n).data();  // D = rowsum(dO ⊙ O) of every query row
+  float* row_d = scratch(3, n).data();  // D = rowsum(dO ⊙ O) of every query row
   pack_transposed(a.k.row(b, kv_head, 0), a.k.row_stride, n, d, kt, transposed_ld(n));
   pack_transposed(a.v.row(b, kv_head, 0), a.v.row_stride, n, d, vt, transposed_ld(n));
   const int64_t prefix_head = a.shared_prefix ? kv_head : b * a.heads_kv + kv_head;
@@ -361,57 +363,49 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
     pack_transposed(a.prefix_k + prefix_head * a.m * d, d, a.m, d, pkt, transposed_ld(a.m));
     pack_transposed(a.prefix_v + prefix_head * a.m * d, d, a.m, d, pvt, transposed_ld(a.m));
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = kv_head * group + g;
-    for (int64_t i = 0; i < n; ++i) {
-      row_d[g * n + i] = dot(a.grad_out.row(b, h, i), a.out.row(b, h, i), d);
-    }
-  }
-  const int64_t prefix_grad_offset = (b * a.heads_kv + kv_head) * a.m * d;
+  for (int64_t i = 0; i < n; ++i) row_d[i] = dot(a.grad_out.row(b, h, i), a.out.row(b, h, i), d);
+  const int64_t prefix_grad_offset = (b * grad_heads + grad_head) * a.m * d;
   for_each_key_block(a, b, kv_head, kt, vt, pkt, pvt, [&](const KeyBlock& all) {
     const bool prefix = all.first < 0;
     float* dk = prefix ? (a.grad_prefix_k ? a.grad_prefix_k + prefix_grad_offset : nullptr)
-                       : (a.dk.data ? a.dk.row(b, kv_head, all.first) : nullptr);
+                       : (a.dk.data ? a.dk.row(b, grad_head, all.first) : nullptr);
     float* dv = prefix ? (a.grad_prefix_v ? a.grad_prefix_v + prefix_grad_offset : nullptr)
-                       : (a.dv.data ? a.dv.row(b, kv_head, all.first) : nullptr);
+                       : (a.dv.data ? a.dv.row(b, grad_head, all.first) : nullptr);
     const int64_t ld_dk = prefix ? d : a.dk.row_stride, ld_dv = prefix ? d : a.dv.row_stride;
     // Under the causal rule no query before the block's first key sees it.
-    const int64_t first_block = a.causal && !prefix ? all.first / kBackwardQueryBlock * kBackwardQueryBlock : 0;
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = kv_head * group + g;
-      for (int64_t i0 = first_block; i0 < n; i0 += kBackwardQueryBlock) {
-        const int64_t rows = std::min(kBackwardQueryBlock, n - i0);
-        const KeyBlock block = seen_by(all, a, i0, rows);
-        if (block.count == 0) continue;
-        const int64_t ld = padded(block.count);
-        const float* q = a.q.row(b, h, i0);
-        const float* grad_out = a.grad_out.row(b, h, i0);
-        const float* lse = a.lse + (b * a.heads_q + h) * n + i0;
-        gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, probs,
-                         ld);
-        gemm_rows<false>(rows, ld, d, Operand{grad_out, a.grad_out.row_stride, 1}, block.vt,
-                         block.ldkt, dscores, ld);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* p = probs + r * ld;
-          float* ds = dscores + r * ld;
-          probabilities(p, a, b, block, i0 + r, lse[r]);
-          const float row_grad = row_d[g * n + i0 + r];
-          for (int64_t jb = 0; jb < ld; jb += kLanes) {  // dS = P ⊙ (dP - D), scale folded in
-            store(ds + jb, a.scale * load(p + jb) * (load(ds + jb) - row_grad));
-          }
+    const int64_t first_query =
+        a.causal && !prefix ? all.first / kBackwardQueryBlock * kBackwardQueryBlock : 0;
+    for (int64_t i0 = first_query; i0 < n; i0 += kBackwardQueryBlock) {
+      const int64_t rows = std::min(kBackwardQueryBlock, n - i0);
+      const KeyBlock block = seen_by(all, a, i0, rows);
+      if (block.count == 0) continue;
+      const int64_t ld = padded(block.count);
+      const float* q = a.q.row(b, h, i0);
+      const float* grad_out = a.grad_out.row(b, h, i0);
+      const float* lse = a.lse + (b * a.heads_q + h) * n + i0;
+      gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, probs,
+                       ld);
+      gemm_rows<false>(rows, ld, d, Operand{grad_out, a.grad_out.row_stride, 1}, block.vt,
+                       block.ldkt, dscores, ld);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* p = probs + r * ld;
+        float* ds = dscores + r * ld;
+        probabilities(p, a, b, block, i0 + r, lse[r]);
+        for (int64_t jb = 0; jb < ld; jb += kLanes) {  // dS = P ⊙ (dP - D), scale folded in
+          store(ds + jb, a.scale * load(p + jb) * (load(ds + jb) - row_d[i0 + r]));
         }
-        if (a.dq.data != nullptr) {  // dQ += dS·K
-          gemm_rows<true>(rows, d, block.count, Operand{dscores, ld, 1}, block.k_rows, block.ld,
-                          a.dq.row(b, h, i0), a.dq.row_stride);
-        }
-        if (dk != nullptr) {  // dK += dSᵀ·Q
-          gemm_rows<true>(block.count, d, rows, Operand{dscores, 1, ld}, q, a.q.row_stride, dk,
-                          ld_dk);
-        }
-        if (dv != nullptr) {  // dV += Pᵀ·dO
-          gemm_rows<true>(block.count, d, rows, Operand{probs, 1, ld}, grad_out,
-                          a.grad_out.row_stride, dv, ld_dv);
-        }
+      }
+      if (a.dq.data != nullptr) {  // dQ += dS·K
+        gemm_rows<true>(rows, d, block.count, Operand{dscores, ld, 1}, block.k_rows, block.ld,
+                        a.dq.row(b, h, i0), a.dq.row_stride);
+      }
+      if (dk != nullptr) {  // dK += dSᵀ·Q
+        gemm_rows<true>(block.count, d, rows, Operand{dscores, 1, ld}, q, a.q.row_stride, dk,
+                        ld_dk);
+      }
+      if (dv != nullptr) {  // dV += Pᵀ·dO
+        gemm_rows<true>(block.count, d, rows, Operand{probs, 1, ld}, grad_out,
+                        a.grad_out.row_stride, dv, ld_dv);
       }
     }
   });

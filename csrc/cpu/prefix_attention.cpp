@@ -233,6 +233,17 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_forward(
   return std::make_tuple(out, lse);
 }
 
+// Sums per-query-head shares [B, Hq, rows, d] over the g heads of each group, in a fixed order
+// (bitwise reproducible): [B, Hkv, rows, d].
+at::Tensor sum_over_groups(const at::Tensor& shares, int64_t kv_heads) {
+  const int64_t group = shares.size(1) / kv_heads;
+  const at::Tensor by_group =
+      shares.view({shares.size(0), kv_heads, group, shares.size(2), shares.size(3)});
+  at::Tensor sum = by_group.select(2, 0).clone();
+  for (int64_t g = 1; g < group; ++g) sum.add_(by_group.select(2, g));
+  return sum;
+}
+
 std::optional<std::array<at::Tensor, 5>> flash_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
@@ -241,16 +252,22 @@ std::optional<std::array<at::Tensor, 5>> flash_backward(
   if (!flash_covers(q, k)) return std::nullopt;
   const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   const at::Tensor key_bias = mask.defined() ? key_bias_of(mask) : at::Tensor();
-  const int64_t B = q.size(0), Hkv = k.size(1), m = pk.size(-2), d = q.size(3);
-  const auto grad_like = [&](bool needed, const at::Tensor& t) {
-    return needed ? zeros_in_heads_layout(t) : at::Tensor();
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), n = q.size(2);
+  const int64_t m = pk.size(-2), d = q.size(3);
+  // One unit per (example, query head), as many as ATen's kernel has, so grouped-query
+  // attention keeps every thread busy; with groups each unit writes its own share of the
+  // key/value and prefix gradients, summed per group afterwards.
+  const bool shares = Hq != Hkv;
+  const auto key_grad = [&](bool needed, const at::Tensor& like) {
+    if (!needed) return at::Tensor();
+    return shares ? at::zeros({B, Hq, n, d}, q.options()) : zeros_in_heads_layout(like);
   };
   const auto prefix_grad = [&](bool needed) {
-    return needed && m > 0 ? at::zeros({B, Hkv, m, d}, q.options()) : at::Tensor();
+    return needed && m > 0 ? at::zeros({B, shares ? Hq : Hkv, m, d}, q.options()) : at::Tensor();
   };
-  std::array<at::Tensor, 5> grads{grad_like(output_mask[0], q), grad_like(output_mask[1], k),
-                                  grad_like(output_mask[2], v), prefix_grad(output_mask[3]),
-                                  prefix_grad(output_mask[4])};
+  std::array<at::Tensor, 5> grads{output_mask[0] ? zeros_in_heads_layout(q) : at::Tensor(),
+                                  key_grad(output_mask[1], k), key_grad(output_mask[2], v),
+                                  prefix_grad(output_mask[3]), prefix_grad(output_mask[4])};
   const at::Tensor lse_c = lse.contiguous();
   FlashAttention a = flash_problem(q, k, v, pk, pv, key_bias, causal, scale);
   a.out = flash_rows(out);
@@ -261,11 +278,16 @@ std::optional<std::array<at::Tensor, 5>> flash_backward(
   a.dv = flash_rows(grads[2]);
   a.grad_prefix_k = grads[3].defined() ? grads[3].data_ptr<float>() : nullptr;
   a.grad_prefix_v = grads[4].defined() ? grads[4].data_ptr<float>() : nullptr;
-  // One unit per (example, key/value head): it alone adds to that head's dk, dv and prefix
-  // gradients, so nothing is shared between threads and the result is bitwise reproducible.
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) flash_backward_unit(a, bh / Hkv, bh % Hkv);
+  a.key_grads_per_query_head = shares;
+  // No two units write the same rows: the result does not depend on the thread count.
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) flash_backward_unit(a, bh / Hq, bh % Hq);
   });
+  if (shares) {
+    for (int i = 1; i < 5; ++i) {
+      if (grads[i].defined()) grads[i] = sum_over_groups(grads[i], Hkv);
+    }
+  }
   return grads;
 }
 

@@ -26,10 +26,14 @@ class PrefixCase:
     @property
     def name(self) -> str:
         dt = dtype_name(self.dtype)
-        return f"prefix B{self.batch} H{self.heads} n{self.seq} m{self.prefix} d{self.head_dim} {dt}"
+        kind = "" if self.causal else " non-causal"
+        return f"prefix B{self.batch} H{self.heads} n{self.seq} m{self.prefix} d{self.head_dim}{kind} {dt}"
 
 
-CPU_CASES = [PrefixCase(4, 8, 512, 16, 64, torch.float32, "cpu")]
+CPU_CASES = [
+    PrefixCase(4, 8, 512, 16, 64, torch.float32, "cpu"),  # decoder (causal), the shape
+    PrefixCase(2, 12, 512, 20, 64, torch.float32, "cpu", causal=False),  # BERT-base-like encoder
+]
 GPU_CASES = [PrefixCase(8, 32, 2048, 20, 128, torch.bfloat16, "cuda")]
 
 
@@ -48,10 +52,12 @@ def providers_for(case: PrefixCase) -> list[Provider]:
         return q_mem.transpose(1, 2), k_mem.transpose(1, 2), v_mem.transpose(1, 2)
 
     prefix_k, prefix_v = leaf(H, m, d), leaf(H, m, d)
-    # The concatenation baseline's mask [n, m + n]: every query sees the prefix, and the
-    # sequence causally. Built once, outside the timed region (in its favour).
-    keep = torch.ones(n, m + n, dtype=torch.bool, device=case.device)
+    # The concatenation baseline's mask [n, m + n] when causal: every query sees the prefix,
+    # and the sequence causally. Built once, outside the timed region (in its favour); without
+    # the causal rule every query sees every key and no mask is needed.
+    keep = None
     if case.causal:
+        keep = torch.ones(n, m + n, dtype=torch.bool, device=case.device)
         keep[:, m:] = torch.ones(n, n, dtype=torch.bool, device=case.device).tril()
 
     def concat_sdpa() -> torch.Tensor:
