@@ -3,7 +3,7 @@
 One forward + backward + AdamW step of a Llama-style model with LoRA (dropout 0.05) on
 q_proj/v_proj, and on the CPU also on all seven linear layers per block and with prefix tuning
 (20 virtual tokens): `peft` vs `peft` patched by peftkern vs peftkern's inject_lora /
-inject_prefix. CPU: fp32,
+inject_prefix, and for LoRA on the CPU the patched model with use_peftkern_attention. CPU: fp32,
 hidden 512, 4 layers, batch 4 x seq 256. GPU (when present): bf16, hidden 4096, 8 layers,
 seq 2048. "x floor" is the ratio to `peft` in the same run (below 1 is faster).
 """

@@ -46,3 +46,7 @@ __all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
 from peftkern.integrations import PrefixSummary, inject_prefix  # noqa: E402
 
 __all__ += ["PrefixSummary", "inject_prefix"]
+
+from peftkern.integrations import restore_attention, use_peftkern_attention  # noqa: E402
+
+__all__ += ["restore_attention", "use_peftkern_attention"]

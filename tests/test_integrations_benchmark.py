@@ -11,11 +11,13 @@ TINY = training_step.StepCase(32, 2, 4, 64, 97, 16, 2, 4, 0.1, torch.float32, "c
 
 def test_training_step_benchmark_runs_and_patched_saves_less():
     results = {r.provider: r for r in training_step.run(TINY, rounds=1, warmup=0)}
-    assert set(results) == {"peft", "peftkern-patched", "peftkern-injected"}
+    assert set(results) == {"peft", "peftkern-patched", "peftkern-injected", "peftkern-patched+attention"}
     assert results["peft"].ratio_to_floor == 1.0
     # peft keeps dropout(x) for its LoRA branch; the fused op regenerates the mask from a seed.
     assert results["peftkern-patched"].saved_bytes < results["peft"].saved_bytes
     assert results["peftkern-injected"].saved_bytes == results["peftkern-patched"].saved_bytes
+    # The flash kernel keeps q, k, v, out and lse, as SDPA's does.
+    assert results["peftkern-patched+attention"].saved_bytes == results["peftkern-patched"].saved_bytes
 
 
 def test_prefix_training_step_benchmark_runs_and_patched_saves_less():

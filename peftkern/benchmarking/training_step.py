@@ -1,6 +1,7 @@
 """One training step (forward + backward + AdamW) of a Llama-style model: the `peft` library's
 LoRA (or prefix tuning) vs the same model patched with `patch_peft` vs a model injected with
-`inject_lora` (`inject_prefix`).
+`inject_lora` (`inject_prefix`); for LoRA on the CPU also the patched model with its attention
+switched to peftkern's flash kernel (`use_peftkern_attention`).
 
 All three start from the same base weights, run the same batch, and are timed interleaved;
 ratios are to `peft` measured in the same run (a ratio below 1 is a speed-up). The LoRA
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from peftkern.benchmarking.harness import Provider, Result, dtype_name, make_result, peak_bytes, saved_activation_bytes, time_interleaved
-from peftkern.integrations import inject_lora, inject_prefix, patch_peft
+from peftkern.integrations import inject_lora, inject_prefix, patch_peft, use_peftkern_attention
 
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,7 +116,12 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
                 p.copy_(source[name])
     # On a bf16 model peft keeps its adapters in fp32 while inject_lora gives them the base
     # dtype: the injected provider then does slightly less work than the other two.
-    return {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": injected.train()}
+    models = {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": injected.train()}
+    if case.device == "cpu":  # on a GPU every attention call would go to SDPA anyway
+        with_attention = copy.deepcopy(patched)
+        use_peftkern_attention(with_attention)
+        models["peftkern-patched+attention"] = with_attention.train()
+    return models
 
 
 def training_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], None]:

@@ -2,7 +2,8 @@
 
 `inject_lora` turns a plain model into a LoRA model, `patch_peft` speeds up a model built by
 `peft` (LoRA or prefix tuning) in place, `save_adapter`/`load_adapter` speak peft's file format, `merge_and_unload`
-returns to plain nn.Linear layers. `peft` itself is only imported by `patch_peft`.
+returns to plain nn.Linear layers, `use_peftkern_attention` runs a model's self-attention through
+peftkern's CPU flash kernel. `peft` itself is only imported by `patch_peft`.
 """
 
 from peftkern.integrations.inject import LoRASummary, inject_lora
@@ -23,3 +24,7 @@ __all__ += ["AdapterSummary", "InjectSummary", "inject_adapters"]
 from peftkern.integrations.prefix import PrefixSummary, inject_prefix  # noqa: E402
 
 __all__ += ["PrefixSummary", "inject_prefix"]
+
+from peftkern.integrations.attention import restore_attention, use_peftkern_attention  # noqa: E402
+
+__all__ += ["restore_attention", "use_peftkern_attention"]
