@@ -1,64 +1,34 @@
 // Prefix-extended attention on the CPU for float32 in one pass (flash attention): every query
 // block runs over the m prefix rows as its first key block and then over the sequence keys it
 // may see, with an online softmax, so neither [P_K; K] nor the output of a partial attention
-// is ever written. The products are register-tiled GEMM micro-kernels (flash_attention_impl.h)
-// compiled once per x86 vector ISA like the other row kernels (isa_variants.h).
+// is ever written. The products are register-tiled GEMM micro-kernels compiled once per x86
+// vector ISA (flash_attention_impl.h); on the benchmark's decoder shape it is faster than
+// ATen's CPU flash attention without a prefix.
+//
+// The entry points of PrefixAttentionKernels (../prefix_attention.h): tensors in the compute
+// dtype with rows of d contiguous (other strides any), mask [B, n] bool or undefined.
+// nullopt for inputs the kernel does not cover (not float32, or no query or no key).
 #pragma once
 
-#include <cstdint>
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
 
 namespace peftkern::cpu {
 
-// Query positions per block. A unit's span of positions starts at a multiple of it, so every
-// position falls in the same block, tile and arithmetic however the spans are cut (the
-// result does not depend on the thread count).
-constexpr int64_t kFlashQueryBlock = 64;
+// (out [B, Hq, n, d] in the heads layout, lse [B, Hq, n]).
+std::optional<std::tuple<at::Tensor, at::Tensor>> flash_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
+    const at::Tensor& prefix_v, const at::Tensor& mask, bool causal, double scale);
 
-// The rows of d floats of a [B, H, n, d] tensor, addressed through its strides, so that both
-// contiguous tensors and the [B, n, H, d] memory of projections are read in place. A null
-// `data` stands for a tensor that is not there (a gradient nobody asked for).
-struct FlashRows {
-  float* data = nullptr;
-  int64_t batch_stride = 0, head_stride = 0, row_stride = 0;
-  float* row(int64_t b, int64_t h, int64_t i) const {
-    return data + b * batch_stride + h * head_stride + i * row_stride;
-  }
-};
-
-struct FlashAttention {
-  int64_t heads_q, heads_kv, n, m, d;
-  bool causal;
-  float scale;
-  FlashRows q, k, v;
-  // [Hkv, m, d] shared by the batch, or [B, Hkv, m, d] per example; contiguous.
-  const float* prefix_k;
-  const float* prefix_v;
-  bool shared_prefix;
-  // [B, n_pad] with n_pad = n rounded up to 16: 0 where a key is kept, -inf where it is
-  // padding (and past n); nullptr without a padding mask.
-  const float* key_bias;
-  int64_t key_bias_stride;
-  // Forward writes out and lse ([B, Hq, n], contiguous); backward reads them.
-  FlashRows out;
-  float* lse;
-  // Backward: the output gradient in, and the gradients out (zero-filled by the caller, each
-  // optional): dq like q; dk, dv like k, v and the prefix's per example [B, Hkv, m, d] — or,
-  // with key_grads_per_query_head, those three with Hq heads: each query head's share, for
-  // the caller to sum over the heads of a group (units then never write the same rows).
-  FlashRows grad_out, dq, dk, dv;
-  float* grad_prefix_k;
-  float* grad_prefix_v;
-  bool key_grads_per_query_head;
-};
-
-// Query positions [q_begin, q_end) (q_begin a multiple of kFlashQueryBlock) of the query heads that share key/value head kv_head of
-// example b: out and lse.
-void flash_forward_unit(const FlashAttention& a, int64_t b, int64_t kv_head, int64_t q_begin,
-                        int64_t q_end);
-
-// Every query position of query head h of example b: adds to dq of (b, h) and to the key,
-// value and prefix gradients of its key/value head (or of h itself, with
-// key_grads_per_query_head), which no other unit touches.
-void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t h);
+// (dq, dk, dv, per-example prefix gradients [B, Hkv, m, d]), each undefined when its
+// output_mask entry is false.
+std::optional<std::array<at::Tensor, 5>> flash_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    std::array<bool, 5> output_mask);
 
 }  // namespace peftkern::cpu

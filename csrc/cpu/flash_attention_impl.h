@@ -1,5 +1,5 @@
-// The body of the float32 flash attention (flash_attention.h). Without an include guard and
-// without includes on purpose: flash_attention.cpp includes it once per vector ISA, inside a
+// The body of the float32 flash attention (flash_attention_kernel.h). Without an include guard
+// and without includes on purpose: flash_attention.cpp includes it once per vector ISA, inside a
 // namespace and a `#pragma GCC target` region.
 //
 // Vectors are GCC vector types of one register of the ISA (`Lanes`: kLanes floats; GCC keeps

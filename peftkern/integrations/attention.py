@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftkern.integrations.attention_registry import register_attention
 from peftkern.integrations.prefix import attend_with_prefix
 
 ATTENTION_NAME = "peftkern"
@@ -69,15 +70,6 @@ def peftkern_attention(
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, peftkern_attention)
-    # The same boolean masks as SDPA: the fallback gets exactly what SDPA would.
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
 def use_peftkern_attention(model: nn.Module) -> bool:
     """Routes the self-attention of a transformers `model` (or of the model inside a peft
     model) through peftkern's flash attention wherever it covers a call: CPU, float32, no KV
@@ -92,7 +84,7 @@ def use_peftkern_attention(model: nn.Module) -> bool:
         return True
     if current != SDPA:
         return False
-    _register()
+    register_attention(ATTENTION_NAME, peftkern_attention)
     base.set_attn_implementation(ATTENTION_NAME)
     if base.config._attn_implementation != ATTENTION_NAME:  # a model without the interface
         base.set_attn_implementation(SDPA)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftkern.integrations.attention_registry import register_attention
 from peftkern.integrations.prefix import attend_with_prefix
 
 ATTENTION_NAME = "peftkern_peft_prefix"
@@ -71,16 +72,6 @@ def _attention(
         raise RuntimeError(f"peftkern: {WHO}: sliding-window attention reached the prefix attention")
     prefix_k, prefix_v = (t.to(query.device) for t in rows[module.layer_idx])  # layers may sit on other devices
     return attend_with_prefix(module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, _attention)
-    # The same boolean masks as SDPA: the fallback gets exactly what SDPA would, and the prefix
-    # path converts them to a key padding mask.
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def _peft_classes() -> tuple[type, Any]:
@@ -256,7 +247,7 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
         return
     base = peft_model.get_base_model()
     layers = _attention_layers(base, base.config.num_hidden_layers)
-    _register()
+    register_attention(ATTENTION_NAME, _attention)
     base.set_attn_implementation(ATTENTION_NAME)
     if base.config._attn_implementation != ATTENTION_NAME:
         base.set_attn_implementation(ORIGINAL_ATTENTION)

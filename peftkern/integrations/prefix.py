@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkern.functional import prefix_attention
+from peftkern.integrations.attention_registry import register_attention
 from peftkern.integrations.summary import InjectSummary
 from peftkern.nn import PrefixEncoder
 
@@ -144,16 +145,6 @@ def attend_with_prefix(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_NAME, peftkern_prefix_attention)
-    # Without a mask function transformers passes no mask at all to unknown attention
-    # functions: SDPA's boolean masks carry the padding we convert.
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-
-
 def _attention_layers(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
     """The self-attention modules (they hold q/k/v projections and a layer_idx), one per layer."""
     found = [
@@ -204,7 +195,7 @@ def inject_prefix(
         num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection_hidden, init,
         device=weight.device, dtype=weight.dtype,
     )
-    _register()
+    register_attention(ATTENTION_NAME, peftkern_prefix_attention)
     model.set_attn_implementation(ATTENTION_NAME)
     if config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"peftkern: inject_prefix: {type(model).__name__} does not use transformers' attention interface")
