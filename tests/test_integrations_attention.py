@@ -108,3 +108,17 @@ def test_switching_back_and_models_it_leaves_alone():
     assert eager.config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="needs a transformers PreTrainedModel"):
         peftkern.use_peftkern_attention(torch.nn.Linear(2, 2))
+
+
+def test_gradient_checkpointing_recomputes_through_the_kernel(kernel_calls):
+    reference = tiny_llama().train()
+    model = copy.deepcopy(reference)
+    peftkern.use_peftkern_attention(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    x = tokens()
+    model(x, labels=x).loss.backward()
+    reference(x, labels=x).loss.backward()
+    layers = model.config.num_hidden_layers
+    assert len(kernel_calls) == 2 * layers  # the forward, and the recomputation in backward
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
