@@ -147,17 +147,16 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
   const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
   const auto type = compute_type(q);
-  const at::Tensor qc = in_compute(q, type);
+  const at::Tensor qc = in_compute(q, type), kc = in_compute(k, type), vc = in_compute(v, type);
   const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+  const at::Tensor mask = mask_or_undefined(key_padding_mask);
   if (kernels.fused_forward != nullptr) {
-    if (auto fused = kernels.fused_forward(qc, in_compute(k, type), in_compute(v, type), pk, pv,
-                                           mask_or_undefined(key_padding_mask), causal, scale)) {
+    if (auto fused = kernels.fused_forward(qc, kc, vc, pk, pv, mask, causal, scale)) {
       auto& [out, lse] = *fused;
       return {in_heads_layout(out, q), lse};
     }
   }
-  auto [out, lse] = kernels.sequence_forward(qc, in_compute(k, type), in_compute(v, type),
-                                             mask_or_undefined(key_padding_mask), causal, scale);
+  auto [out, lse] = kernels.sequence_forward(qc, kc, vc, mask, causal, scale);
   if (s.m > 0) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
   return {in_heads_layout(out, q), lse};
 }
@@ -179,7 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const bool need_dq = output_mask[0], need_dk = output_mask[1], need_dv = output_mask[2];
   const bool need_dpk = output_mask[3], need_dpv = output_mask[4];
   const auto type = compute_type(q);
-  const at::Tensor qc = in_compute(q, type);
+  const at::Tensor qc = in_compute(q, type), kc = in_compute(k, type), vc = in_compute(v, type);
+  const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
+  const at::Tensor mask = mask_or_undefined(key_padding_mask);
   const at::Tensor dO = in_compute(grad_out, type);
   const at::Tensor out_c = in_compute(out, type);
   const at::Tensor lse_c = in_compute(lse, type);
@@ -201,11 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                            need_dpk ? dpk : unneeded_grad(prefix_k),
                            need_dpv ? dpv : unneeded_grad(prefix_v));
   };
-  const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
   if (kernels.fused_backward != nullptr) {
-    if (auto fused = kernels.fused_backward(dO, qc, in_compute(k, type), in_compute(v, type), pk,
-                                            pv, mask_or_undefined(key_padding_mask), out_c, lse_c,
-                                            causal, scale, output_mask)) {
+    if (auto fused = kernels.fused_backward(dO, qc, kc, vc, pk, pv, mask, out_c, lse_c, causal,
+                                            scale, output_mask)) {
       auto& [dq, dk, dv, dpk, dpv] = *fused;
       return finish(dq, dk, dv, dpk, dpv);
     }
@@ -213,9 +212,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
   at::Tensor dq, dk, dv;
   if (need_dq || need_dk || need_dv) {
-    std::tie(dq, dk, dv) = kernels.sequence_backward(
-        dO, qc, in_compute(k, type), in_compute(v, type), mask_or_undefined(key_padding_mask),
-        out_c, lse_c, causal, scale, {need_dq, need_dk, need_dv});
+    std::tie(dq, dk, dv) = kernels.sequence_backward(dO, qc, kc, vc, mask, out_c, lse_c, causal,
+                                                     scale, {need_dq, need_dk, need_dv});
   }
 
   at::Tensor dpk, dpv;

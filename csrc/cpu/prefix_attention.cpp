@@ -12,8 +12,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <optional>
-#include <vector>
 
 #include "../blockwise_attention.h"
 #include "../prefix_attention.h"
