@@ -1,5 +1,7 @@
 #include "blockwise_attention.h"
 
+#include "tensor_utils.h"
+
 namespace peftkern {
 namespace {
 
@@ -41,12 +43,13 @@ std::tuple<at::Tensor, at::Tensor> blockwise_attention_forward(
     const AttentionRowKernels& kernels, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& mask, bool causal, double scale) {
   const Shape s = shape_of(q, k);
-  const at::Tensor q4 = q.contiguous().view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor k3 = k.contiguous().view({s.bh(), s.n, s.d});
-  const at::Tensor v3 = v.contiguous().view({s.bh(), s.n, s.d});
+  const auto type = compute_type(q);
+  const at::Tensor q4 = q.to(type).contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor k3 = k.to(type).contiguous().view({s.bh(), s.n, s.d});
+  const at::Tensor v3 = v.to(type).contiguous().view({s.bh(), s.n, s.d});
   at::Tensor out = at::empty_like(q4);
-  at::Tensor lse = at::empty({s.bh(), s.g, s.n}, q.options());
-  for_each_block(kernels, s, q.element_size(), causal, scale, [&](const AttentionBlock& b) {
+  at::Tensor lse = at::empty({s.bh(), s.g, s.n}, q4.options());
+  for_each_block(kernels, s, q4.element_size(), causal, scale, [&](const AttentionBlock& b) {
     at::Tensor scores = at::bmm(block_of(q4, b), k3.narrow(1, 0, b.keys).transpose(1, 2));
     kernels.softmax_rows(scores, lse, mask, b);
     out.narrow(2, b.q_begin, b.rows)
@@ -61,19 +64,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> blockwise_attention_backward(
     const at::Tensor& lse, bool causal, double scale, std::array<bool, 3> needed) {
   const auto [need_dq, need_dk, need_dv] = needed;
   const Shape s = shape_of(q, k);
-  const at::Tensor q4 = q.contiguous().view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor dO4 = grad_out.contiguous().view({s.bh(), s.g, s.n, s.d});
-  const at::Tensor k3 = k.contiguous().view({s.bh(), s.n, s.d});
-  const at::Tensor v3 = v.contiguous().view({s.bh(), s.n, s.d});
-  const at::Tensor lse3 = lse.view({s.bh(), s.g, s.n});
+  const auto type = compute_type(q);
+  const at::Tensor q4 = q.to(type).contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor dO4 = grad_out.to(type).contiguous().view({s.bh(), s.g, s.n, s.d});
+  const at::Tensor k3 = k.to(type).contiguous().view({s.bh(), s.n, s.d});
+  const at::Tensor v3 = v.to(type).contiguous().view({s.bh(), s.n, s.d});
+  const at::Tensor lse3 = lse.to(type).contiguous().view({s.bh(), s.g, s.n});
   // D = rowsum(dO ⊙ O) with the caller's out: with the matching lse this is the softmax
   // backward of whatever attention (out, lse) describe, restricted to these keys.
-  const at::Tensor D = (dO4 * out.reshape({s.bh(), s.g, s.n, s.d})).sum(-1, /*keepdim=*/true);
+  const at::Tensor D =
+      (dO4 * out.to(type).reshape({s.bh(), s.g, s.n, s.d})).sum(-1, /*keepdim=*/true);
   at::Tensor dq = need_dq ? at::empty_like(q4) : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k3) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v3) : at::Tensor();
 
-  for_each_block(kernels, s, q.element_size(), causal, scale, [&](const AttentionBlock& b) {
+  for_each_block(kernels, s, q4.element_size(), causal, scale, [&](const AttentionBlock& b) {
     const at::Tensor qb = block_of(q4, b), dOb = block_of(dO4, b);
     const at::Tensor kk = k3.narrow(1, 0, b.keys), vk = v3.narrow(1, 0, b.keys);
     at::Tensor probs = at::bmm(qb, kk.transpose(1, 2));

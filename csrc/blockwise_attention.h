@@ -44,14 +44,14 @@ struct AttentionRowKernels {
   int64_t block_bytes;
 };
 
-// q [B, Hq, n, d], k, v [B, Hkv, n, d] (any strides), float32 or float64. Returns (out, lse),
-// both contiguous.
+// q [B, Hq, n, d], k, v [B, Hkv, n, d] (any strides, any floating dtype), computed in
+// compute_type(q) (tensor_utils.h). Returns (out, lse) in that dtype, both contiguous.
 std::tuple<at::Tensor, at::Tensor> blockwise_attention_forward(
     const AttentionRowKernels& kernels, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& mask, bool causal, double scale);
 
-// (dq, dk, dv) given out and lse (the probabilities are recomputed as exp(s·scale - lse));
-// a gradient not needed comes back undefined.
+// (dq, dk, dv) given out and lse (the probabilities are recomputed as exp(s·scale - lse)),
+// in the compute dtype whatever the inputs'; a gradient not needed comes back undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blockwise_attention_backward(
     const AttentionRowKernels& kernels, const at::Tensor& grad_out, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out,

@@ -118,20 +118,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     dB.mul_(scaling);
   }
 
+  // dx = drop'(dS·A) + g·W: the LoRA term is written first (the fused pass under the mask,
+  // or a rank-r GEMM), then the base GEMM accumulates into it with beta = 1, so no pass reads
+  // and rewrites dx.
   at::Tensor dx, dA;
   if (need_dA) dA = fused ? at::zeros({r, K}, lora_A.options()) : at::mm(dS.t(), x2);
-  if (need_dx) {
-    if (fused) {
-      dx = at::mm(g2, weight);
-    } else {
-      // dx = dS·A + g·W as a rank-r GEMM followed by the base GEMM with beta = 1.
-      dx = at::mm(dS, lora_A);
-      dx.addmm_(g2, weight);
-    }
-  }
+  if (need_dx) dx = fused ? at::empty({x2.size(0), K}, x.options()) : at::mm(dS, lora_A);
   if (fused && (need_dx || need_dA)) {
     kernels.down_project_backward(x2, lora_A, dS, dropout, seed, dA, dx);
   }
+  if (need_dx) dx.addmm_(g2, weight);
 
   at::Tensor dW = need_dW ? at::mm(g2.t(), x2) : unneeded_grad(weight);
   at::Tensor dbias = need_dbias ? g2.sum(0) : unneeded_grad(weight);

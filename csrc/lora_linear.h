@@ -20,8 +20,9 @@ struct LoraKernels {
   // S[M, r] = drop(x)·Aᵀ in A's dtype, reading x[M, K] (contiguous) once.
   at::Tensor (*down_project)(const at::Tensor& x, const at::Tensor& lora_A, double dropout,
                              const c10::optional<at::Tensor>& seed);
-  // dA[r, K] = dSᵀ·drop(x) when dA is defined, and dx[M, K] += drop'(dS·A) when dx is
-  // defined, regenerating the dropout mask on the fly and reading x once.
+  // dA[r, K] = dSᵀ·drop(x) when dA is defined, and dx[M, K] = drop'(dS·A) when dx is
+  // defined (written, not read: the base GEMM accumulates into it afterwards),
+  // regenerating the dropout mask on the fly and reading x once.
   void (*down_project_backward)(const at::Tensor& x, const at::Tensor& lora_A,
                                 const at::Tensor& dS, double dropout,
                                 const c10::optional<at::Tensor>& seed, at::Tensor& dA,

@@ -62,20 +62,6 @@ Dims check_prefix_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return {B, Hq, Hkv, Hq / Hkv, n, d, prefix_k.size(off + 1), shared};
 }
 
-// float32 for every dtype but float64: half-precision inputs are computed in float32 like
-// FlashAttention does (scores, softmax and accumulation), and rounded once at the end.
-at::ScalarType compute_type(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// In the compute dtype with rows of head_dim contiguous, any other strides kept: the device
-// kernels address [B, H, n, d] through strides, so the [B, n, H, d] memory that projections
-// produce is read in place.
-at::Tensor in_compute(const at::Tensor& t, at::ScalarType type) {
-  at::Tensor c = t.to(type);
-  return c.stride(-1) == 1 ? c : c.contiguous();
-}
-
 at::Tensor mask_or_undefined(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
@@ -98,7 +84,8 @@ at::Tensor reduce_prefix_grad(at::Tensor grad, const Dims& s, const at::Tensor& 
 
 // The prefix part through ATen GEMMs and the device's row passes: every query over the m
 // prefix rows, one GEMM over all rows. A shared prefix [Hkv, m, d] broadcasts over the batch
-// inside matmul; nothing of size B·(n+m) is built.
+// inside matmul; nothing of size B·(n+m) is built. out is [rows, d]-contiguous, in the
+// compute dtype.
 void prefix_forward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s,
                             const at::Tensor& qc, const at::Tensor& pk, const at::Tensor& pv,
                             at::Tensor& out, at::Tensor& lse, double scale) {
@@ -107,7 +94,6 @@ void prefix_forward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s
   at::Tensor p2_block = as_block(p2, s);
   at::Tensor lse2 = at::empty({s.B, s.Hkv, s.g * s.n, 1}, qc.options());
   kernels.rows.softmax_rows(p2_block, lse2, at::Tensor(), prefix_block(s, scale));
-  out = out.contiguous();  // the merge pass takes [rows, d] rows
   kernels.merge(out, lse, at::matmul(p2, pv), lse2);
 }
 
@@ -147,17 +133,24 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const c10::optional<at::Tensor>& key_padding_mask, bool causal, double scale) {
   const Dims s = check_prefix_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
   const auto type = compute_type(q);
-  const at::Tensor qc = in_compute(q, type), kc = in_compute(k, type), vc = in_compute(v, type);
   const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
   const at::Tensor mask = mask_or_undefined(key_padding_mask);
+  // A fused kernel, and the prefix part, compute in the compute dtype; the sequence part gets
+  // the inputs as they are (a device kernel may take them in their own dtype). Where the
+  // fused kernel declines (float64, empty inputs) the conversions are no-ops.
   if (kernels.fused_forward != nullptr) {
-    if (auto fused = kernels.fused_forward(qc, kc, vc, pk, pv, mask, causal, scale)) {
+    if (auto fused = kernels.fused_forward(in_compute(q, type), in_compute(k, type),
+                                           in_compute(v, type), pk, pv, mask, causal, scale)) {
       auto& [out, lse] = *fused;
       return {in_heads_layout(out, q), lse};
     }
   }
-  auto [out, lse] = kernels.sequence_forward(qc, kc, vc, mask, causal, scale);
-  if (s.m > 0) prefix_forward_by_gemm(kernels, s, qc, pk, pv, out, lse, scale);
+  auto [seq_out, lse] = kernels.sequence_forward(q, k, v, mask, causal, scale);
+  if (s.m == 0) return {in_heads_layout(seq_out, q), lse};
+  // The merge pass takes [rows, d]-contiguous rows in the compute dtype.
+  at::Tensor out = seq_out.to(seq_out.options().dtype(type), /*non_blocking=*/false,
+                              /*copy=*/false, at::MemoryFormat::Contiguous);
+  prefix_forward_by_gemm(kernels, s, in_compute(q, type), pk, pv, out, lse, scale);
   return {in_heads_layout(out, q), lse};
 }
 
@@ -178,11 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   const bool need_dq = output_mask[0], need_dk = output_mask[1], need_dv = output_mask[2];
   const bool need_dpk = output_mask[3], need_dpv = output_mask[4];
   const auto type = compute_type(q);
-  const at::Tensor qc = in_compute(q, type), kc = in_compute(k, type), vc = in_compute(v, type);
   const at::Tensor pk = in_compute(prefix_k, type), pv = in_compute(prefix_v, type);
   const at::Tensor mask = mask_or_undefined(key_padding_mask);
-  const at::Tensor dO = in_compute(grad_out, type);
-  const at::Tensor out_c = in_compute(out, type);
   const at::Tensor lse_c = in_compute(lse, type);
 
   const auto finish = [&](at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dpk,
@@ -202,9 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
                            need_dpk ? dpk : unneeded_grad(prefix_k),
                            need_dpv ? dpv : unneeded_grad(prefix_v));
   };
+  // As in forward: the fused kernel and the prefix part in the compute dtype, the sequence
+  // part with the inputs as they are.
   if (kernels.fused_backward != nullptr) {
-    if (auto fused = kernels.fused_backward(dO, qc, kc, vc, pk, pv, mask, out_c, lse_c, causal,
-                                            scale, output_mask)) {
+    if (auto fused = kernels.fused_backward(
+            in_compute(grad_out, type), in_compute(q, type), in_compute(k, type),
+            in_compute(v, type), pk, pv, mask, in_compute(out, type), lse_c, causal, scale,
+            output_mask)) {
       auto& [dq, dk, dv, dpk, dpv] = *fused;
       return finish(dq, dk, dv, dpk, dpv);
     }
@@ -212,13 +206,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
   at::Tensor dq, dk, dv;
   if (need_dq || need_dk || need_dv) {
-    std::tie(dq, dk, dv) = kernels.sequence_backward(dO, qc, kc, vc, mask, out_c, lse_c, causal,
+    std::tie(dq, dk, dv) = kernels.sequence_backward(grad_out, q, k, v, mask, out, lse_c, causal,
                                                      scale, {need_dq, need_dk, need_dv});
   }
 
   at::Tensor dpk, dpv;
   if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
-    prefix_backward_by_gemm(kernels, s, dO, qc, pk, pv, out_c, lse_c, scale, dq,
+    if (dq.defined()) dq = dq.to(type);  // the prefix part adds to it in the compute dtype
+    prefix_backward_by_gemm(kernels, s, in_compute(grad_out, type), in_compute(q, type), pk, pv,
+                            in_compute(out, type), lse_c, scale, dq,
                             need_dpk ? &dpk : nullptr, need_dpv ? &dpv : nullptr);
   }
   return finish(dq, dk, dv, dpk, dpv);

@@ -28,16 +28,18 @@
 namespace peftkern {
 
 struct PrefixAttentionKernels {
-  // Attention of q [B, Hq, n, d] over k, v [B, Hkv, n, d] (compute dtype; rows of d contiguous,
-  // the other strides any) with the causal rule and mask ([B, n] bool, True = keep, or
-  // undefined). Returns out [B, Hq, n, d] (rows of d contiguous) and lse [B, Hq, n]
-  // (contiguous); a query that sees no key gets out = 0, lse = -inf.
+  // Attention of q [B, Hq, n, d] over k, v [B, Hkv, n, d] (the op's input dtype, as given:
+  // a device may run a kernel of that dtype or convert) with the causal rule and mask
+  // ([B, n] bool, True = keep, or undefined). Returns out [B, Hq, n, d] (any floating dtype,
+  // any strides) and lse [B, Hq, n] (compute dtype, contiguous); a query that sees no key
+  // gets out = 0, lse = -inf.
   std::tuple<at::Tensor, at::Tensor> (*sequence_forward)(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& mask, bool causal,
                                                          double scale);
-  // (dq, dk, dv) of the sequence part, given the merged out and lse of the whole attention.
-  // A gradient whose `needed` entry is false may come back undefined.
+  // (dq, dk, dv) of the sequence part, given the merged out and lse of the whole attention
+  // (grad_out, q, k, v and out in the input dtype, lse in the compute dtype); any floating
+  // dtype back. A gradient whose `needed` entry is false may come back undefined.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> (*sequence_backward)(
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,

@@ -19,6 +19,21 @@ inline at::Tensor rows_of(const at::Tensor& t, int64_t features) {
   return t.reshape({leading_rows(t), features}).contiguous();
 }
 
+// The dtype attention computes in: float32 for every dtype but float64. Half-precision
+// inputs are computed in float32 like FlashAttention does (scores, softmax and
+// accumulation), and rounded once at the end.
+inline at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// t in `type` with rows of the last dim contiguous, any other strides kept: the device
+// kernels address [B, H, n, d] through strides, so the [B, n, H, d] memory that projections
+// produce is read in place. t itself when it already is.
+inline at::Tensor in_compute(const at::Tensor& t, at::ScalarType type) {
+  at::Tensor c = t.to(type);
+  return c.stride(-1) == 1 ? c : c.contiguous();
+}
+
 // What a backward op returns for a gradient that was not asked for: an empty tensor.
 inline at::Tensor unneeded_grad(const at::Tensor& like) {
   return at::empty({0}, like.options());

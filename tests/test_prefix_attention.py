@@ -10,7 +10,7 @@ import peftkern
 from peftkern import reference
 from peftkern.ops import prefix_attention_backward_op, prefix_attention_op
 
-from conftest import DEVICES, assert_close_low_precision
+from conftest import DEVICES, assert_close_low_precision, cuda_test
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
@@ -157,17 +157,40 @@ def test_head_dims_float32(device, d):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shared", [True, False])
-def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype, shared):
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("mask_kind", ["random", "none"])  # on a GPU "none" runs FlashAttention
+def test_low_precision_error_at_most_twice_plain_pytorch(device, dtype, shared, causal, mask_kind):
     inp64 = make_inputs(2, 4, 2, 65, 20, 64, device=device, shared=shared)
     inp = {k: t.to(dtype) for k, t in inp64.items()}
-    mask = make_mask(2, 65, "random", device)
-    (out, grads), (plain, plain_grads) = both(inp, True, mask)
+    mask = make_mask(2, 65, mask_kind, device)
+    (out, grads), (plain, plain_grads) = both(inp, causal, mask)
     # The truth: the float64 reference on exactly the rounded inputs and output gradient.
-    _, (truth, truth_grads) = both({k: t.double() for k, t in inp.items()}, True, mask)
+    _, (truth, truth_grads) = both({k: t.double() for k, t in inp.items()}, causal, mask)
     assert out.dtype == dtype
     assert_close_low_precision(out, plain, truth, "out")
     for name in NAMES:
         assert grads[name].dtype == dtype
+        assert_close_low_precision(grads[name], plain_grads[name], truth_grads[name], name)
+
+
+@cuda_test
+@pytest.mark.parametrize("shape", [(2, 8, 2, 513, 20, 128), (1, 4, 4, 1, 0, 64), (2, 4, 1, 17, 1, 32)])
+def test_cuda_half_precision_without_mask_runs_flash_attention(shape):
+    """The GPU path for the common training case: ATen's FlashAttention-2 for the sequence part
+    (grouped-query heads as they are), merged with the prefix part; checked against the
+    float64 truth with the low-precision rule, and by the kernels it launched."""
+    B, Hq, Hkv, n, m, d = shape
+    inp = {k: t.to(torch.bfloat16) for k, t in make_inputs(B, Hq, Hkv, n, m, d, device="cuda").items()}
+    grad_out = torch.randn_like(inp["q"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, grads = run(peftkern.prefix_attention, inp, grad_out, causal=True)
+    ops = {event.name for event in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention" in ops
+    assert "aten::_scaled_dot_product_flash_attention_backward" in ops
+    plain, plain_grads = run(reference.prefix_attention, inp, grad_out, causal=True)
+    truth, truth_grads = run(reference.prefix_attention, {k: t.double() for k, t in inp.items()}, grad_out.double(), causal=True)
+    assert_close_low_precision(out, plain, truth, "out")
+    for name in NAMES:
         assert_close_low_precision(grads[name], plain_grads[name], truth_grads[name], name)
 
 

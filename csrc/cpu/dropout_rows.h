@@ -17,7 +17,7 @@ void drop_convert_rows(Dtype x_type, Dtype out_type, const void* x, void* out, i
                        int64_t K, int64_t row0, const DropoutParams* dropout);
 
 // Backward of the dropout on the rank-r branch, for rows [0, rows):
-//   dx[i, k]    += multiplier(row0 + i, k) * tmp[i, k]   (when dx != nullptr)
+//   dx[i, k]     = multiplier(row0 + i, k) * tmp[i, k]   (when dx != nullptr)
 //   masked[i, k] = multiplier(row0 + i, k) * x[i, k]     (when masked != nullptr)
 // x and dx have x_type; tmp and masked have acc_type (the adapter's dtype).
 void drop_backward_rows(Dtype x_type, Dtype acc_type, const void* x, void* dx, const void* tmp,

@@ -127,7 +127,7 @@ void drop_backward_row(const X* x, X* dx, const Acc* tmp, Acc* masked, int64_t K
                        const DropoutParams& d) {
   using C = compute_t<Acc>;
   auto element = [&](int64_t k, C keep) {
-    if constexpr (kDx) dx[k] = static_cast<X>(static_cast<C>(dx[k]) + keep * static_cast<C>(tmp[k]));
+    if constexpr (kDx) dx[k] = static_cast<X>(keep * static_cast<C>(tmp[k]));
     if constexpr (kMasked) masked[k] = static_cast<Acc>(keep * static_cast<C>(x[k]));
   };
   if constexpr (kDropout) {

@@ -74,7 +74,7 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
   if (M == 0) return;
   const auto d = dropout_params(dropout, seed);
   const int64_t chunk = chunk_rows(M, K, lora_A.element_size());
-  // lora_term holds dS·A for the chunk (added into dx under the mask); masked_x holds drop(x)
+  // lora_term holds dS·A for the chunk (written to dx under the mask); masked_x holds drop(x)
   // for the chunk (consumed by the dA GEMM).
   at::Tensor lora_term = dx.defined() ? chunk_workspace(0, chunk, K, lora_A.options()) : at::Tensor();
   at::Tensor masked_x = dA.defined() ? chunk_workspace(1, chunk, K, lora_A.options()) : at::Tensor();

@@ -2,7 +2,7 @@
 // kernels do the work around them that would otherwise cost extra passes over memory:
 //   down_project:           S = drop(x)·Aᵀ with the dropout mask generated in registers while x
 //                           is read, once.
-//   down_project_backward:  dx += drop'(dS·A) (mask regenerated, x not read) and
+//   down_project_backward:  dx = drop'(dS·A) (mask regenerated, x not read) and
 //                           dA = dSᵀ·drop(x) (x read once, rows split across blocks, partial
 //                           sums reduced in a fixed order so dA is deterministic).
 #include <ATen/Dispatch.h>
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// dx[m, k] += mult(m, k) · Σ_j dS[m, j]·A[j, k]. One block row per x row; dS[m, :] is staged
+// dx[m, k] = mult(m, k) · Σ_j dS[m, j]·A[j, k]. One block row per x row; dS[m, :] is staged
 // in shared memory and A (r×K, small) is read through the cache.
 template <typename X, typename Acc, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
@@ -139,10 +139,7 @@ __global__ void __launch_bounds__(kThreads)
   group_multipliers<C, kDropout>(d, m, g, mult);
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
-    if (k0 + l < K) {
-      X& out = dx[m * K + k0 + l];
-      out = static_cast<X>(static_cast<C>(out) + mult[l] * sum[l]);
-    }
+    if (k0 + l < K) dx[m * K + k0 + l] = static_cast<X>(mult[l] * sum[l]);
   }
 }
 

@@ -5,9 +5,8 @@
 //   probs_rows:   P = exp(s·scale - lse) under the same mask, for backward.
 // and merge: out = w₁·O₁ + w₂·O₂ with the weights from lse₁ and lse₂, and the merged lse.
 // Block reductions combine warp partials in a fixed order, so results are deterministic.
-// (ATen's fused CUDA attention kernels would be faster for the sequence part, but none of them
-// takes grouped-query heads, a padding mask and returns an lse usable for an external merge
-// all at once; this path is exact for every case.)
+// Where ATen's FlashAttention-2 covers the sequence part (half precision, no padding mask; see
+// flash_covers) it runs there instead; the blockwise path is exact for every other case.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,6 +14,7 @@
 
 #include "../blockwise_attention.h"
 #include "../prefix_attention.h"
+#include "../tensor_utils.h"
 
 namespace peftkern::cuda {
 namespace {
@@ -184,9 +184,33 @@ void merge(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Ten
 // 32k-token sequence never needs its n² scores at once.
 constexpr AttentionRowKernels kCudaRows{&softmax_rows, &probs_rows, 256 << 20};
 
+// Whether ATen's FlashAttention-2 kernels run the sequence part: half-precision inputs without
+// a padding mask (FlashAttention takes none), head dims every GPU generation trains with
+// (multiples of 8 up to 128), Ampere or newer, and flash SDPA not switched off by the user
+// (torch.backends.cuda.enable_flash_sdp). They take grouped-query heads as they are, return
+// the lse the merge needs, and their backward accepts an external (out, lse): the merged
+// attention's, which is exactly what the sequence part's backward needs. Causal alignment is
+// moot for the sequence part (as many queries as keys).
+bool flash_covers(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask) {
+  const auto type = q.scalar_type();
+  if (type != at::kHalf && type != at::kBFloat16) return false;
+  if (mask.defined() || q.numel() == 0 || k.numel() == 0) return false;
+  const int64_t d = q.size(3);
+  if (d % 8 != 0 || d > 128) return false;
+  if (!at::globalContext().userEnabledFlashSDP()) return false;
+  return at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
 std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, const at::Tensor& mask,
                                                     bool causal, double scale) {
+  if (flash_covers(q, k, mask)) {
+    const auto type = q.scalar_type();
+    auto result = at::_scaled_dot_product_flash_attention(
+        in_compute(q, type), in_compute(k, type), in_compute(v, type), /*dropout_p=*/0.0, causal,
+        /*return_debug_mask=*/false, scale);
+    return {std::get<0>(result), std::get<1>(result)};
+  }
   return blockwise_attention_forward(kCudaRows, q, k, v, mask, causal, scale);
 }
 
@@ -194,11 +218,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
     double scale, std::array<bool, 3> needed) {
+  if (flash_covers(q, k, mask)) {
+    const auto type = q.scalar_type();
+    const int64_t n = q.size(2);
+    // Without dropout the kernel reads neither the cumulative lengths (dense inputs) nor the
+    // RNG state, so they are passed undefined.
+    auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_backward(
+        in_compute(grad_out, type), in_compute(q, type), in_compute(k, type),
+        in_compute(v, type), in_compute(out, type), lse.contiguous(), /*cum_seq_q=*/at::Tensor(),
+        /*cum_seq_k=*/at::Tensor(), /*max_q=*/n, /*max_k=*/n, /*dropout_p=*/0.0, causal,
+        /*philox_seed=*/at::Tensor(), /*philox_offset=*/at::Tensor(), scale);
+    return {dq, dk, dv};
+  }
   return blockwise_attention_backward(kCudaRows, grad_out, q, k, v, mask, out, lse, causal, scale,
                                       needed);
 }
 
-// No fused kernel yet: the prefix runs as batched GEMMs and the row passes above.
+// No fused kernel: FlashAttention (or the blockwise path) for the sequence, the prefix as
+// batched GEMMs and the row passes above, then the merge.
 constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge,
                                               kCudaRows, /*fused_forward=*/nullptr,
                                               /*fused_backward=*/nullptr};
