@@ -72,6 +72,10 @@ def _prefix_attention_samples(device: str) -> list[tuple]:
          mask, True, 0.35),
         (t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16),
          t(2, 2, 16, dtype=torch.bfloat16), t(2, 2, 16, dtype=torch.bfloat16), None, True, 0.25),
+        # Half precision, GQA, projection layout, no mask: the FlashAttention path on a GPU.
+        (*(x.transpose(1, 2) for x in (t(2, 5, 4, 16, dtype=torch.bfloat16), t(2, 5, 2, 16, dtype=torch.bfloat16),
+                                       t(2, 5, 2, 16, dtype=torch.bfloat16))),
+         t(2, 3, 16, dtype=torch.bfloat16), t(2, 3, 16, dtype=torch.bfloat16), None, False, 0.25),
     ]
 
 
