@@ -3,8 +3,11 @@ LoRA (or prefix tuning) vs the same model patched with `patch_peft` vs a model i
 `inject_lora` (`inject_prefix`); for LoRA on the CPU also the patched model with its attention
 switched to peftkern's flash kernel (`use_peftkern_attention`).
 
-All three start from the same base weights, run the same batch, and are timed interleaved;
-ratios are to `peft` measured in the same run (a ratio below 1 is a speed-up). The LoRA
+All start from the same base weights, run the same batch, and are timed interleaved; ratios
+are to `peft` measured in the same run (a ratio below 1 is a speed-up). `frozen-base` is the
+same model without adapters (its input embeddings require grad, so backward still crosses every
+layer; nothing is updated): the step no adapter method can beat, which shows how much of
+`peft`'s cost is left to save. The LoRA
 providers also share the LoRA weights; peft's and peftkern's prefix encoders are initialised
 differently, which does not change the work a step does. Needs `transformers` and `peft`.
 """
@@ -84,15 +87,26 @@ def fully_patched(peft_model: nn.Module) -> nn.Module:
     return patched
 
 
+def frozen_base(base: nn.Module) -> nn.Module:
+    """The floor of any adapter method: a copy of the base model with every weight frozen
+    whose input embeddings require grad, so backward still runs through every layer (as it
+    must to reach an adapter in the first one) while nothing else is computed or updated."""
+    frozen = copy.deepcopy(base)
+    frozen.requires_grad_(False)
+    frozen.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+    return frozen.train()
+
+
 def build_prefix_models(case: StepCase) -> dict[str, nn.Module]:
     """peft prefix tuning, the same model patched by peftkern, and inject_prefix."""
     from peft import PrefixTuningConfig, get_peft_model
 
     base = base_model(case)
+    floor = frozen_base(base)
     peft_model = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.prefix))
     patched = fully_patched(peft_model)
     inject_prefix(base, num_virtual_tokens=case.prefix)
-    return {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": base.train()}
+    return {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": base.train(), "frozen-base": floor}
 
 
 def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
@@ -100,6 +114,7 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
     from peft import LoraConfig, get_peft_model
 
     base = base_model(case)
+    floor = frozen_base(base)
     lora = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets))
     peft_model = get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():  # trained-like B, so the adapters do work in every provider
@@ -121,16 +136,19 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
         with_attention = copy.deepcopy(patched)
         use_peftkern_attention(with_attention)
         models["peftkern-patched+attention"] = with_attention.train()
+    models["frozen-base"] = floor
     return models
 
 
 def training_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None  # none: frozen-base
 
     def step() -> None:
         model(input_ids=input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
