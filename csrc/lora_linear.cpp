@@ -48,6 +48,36 @@ bool needs_fused_pass(const at::Tensor& x, const at::Tensor& lora_A, double drop
   return dropout > 0.0 || x.scalar_type() != lora_A.scalar_type();
 }
 
+// dS = s·g·B and dB = s·(Sᵀ·g)ᵀ as two separate products, for a device without a one-pass
+// kernel. With float32 adapters on a half-precision g they must accumulate into float32
+// without a float32 copy of g: the device passes do exactly that (the same passes as for x,
+// with g in place of x and no dropout). An output not needed comes back undefined.
+std::tuple<at::Tensor, at::Tensor> rank_r_products_over_g(const LoraKernels& kernels,
+                                                          const at::Tensor& g2,
+                                                          const at::Tensor& lora_B,
+                                                          const at::Tensor& S, double scaling,
+                                                          bool mixed, bool need_dS, bool need_dB) {
+  at::Tensor dS, dB;
+  if (need_dS) {
+    dS = mixed ? kernels.down_project(g2, lora_B.t().contiguous(), 0.0, c10::nullopt)
+               : at::mm(g2, lora_B);
+    dS.mul_(scaling);
+  }
+  if (need_dB) {
+    if (mixed) {
+      at::Tensor dB_t = at::zeros({lora_B.size(1), lora_B.size(0)}, lora_B.options()), no_dx;
+      kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
+      dB = dB_t.t().contiguous();
+    } else {
+      // As (Sᵀ·g)ᵀ: a GEMM with r output rows and g in its natural layout (on the CPU BLAS
+      // twice as fast as gᵀ·S).
+      dB = at::mm(S.t(), g2).t().contiguous();
+    }
+    dB.mul_(scaling);
+  }
+  return {dS, dB};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
@@ -95,27 +125,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   const at::Tensor x2 = rows_of(x, K);
   const bool fused = needs_fused_pass(x, lora_A, dropout);
 
-  // dS = s·g·B and dB = s·gᵀ·S: rank-r products over g. With float32 adapters on a half-
-  // precision g they must accumulate into float32 without a float32 copy of g: the device
-  // passes do exactly that (the same passes as for x, with g in place of x and no dropout).
+  // dS = s·g·B and dB = s·gᵀ·S: the rank-r products over g, in one pass where the device has one.
   at::Tensor dS, dB;
-  const bool mixed = compute_type != adapter_type;
-  if (need_dx || need_dA) {
-    dS = mixed ? kernels.down_project(g2, lora_B.t().contiguous(), 0.0, c10::nullopt)
-               : at::mm(g2, lora_B);
-    dS.mul_(scaling);
-  }
-  if (need_dB) {
-    if (mixed) {
-      at::Tensor dB_t = at::zeros({r, N}, lora_B.options()), no_dx;
-      kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
-      dB = dB_t.t().contiguous();
-    } else {
-      // As (Sᵀ·g)ᵀ: a GEMM with r output rows and g in its natural layout, which the CPU
-      // BLAS runs about twice as fast as gᵀ·S (0.51 vs 0.94 ms at M = 2048, N = 1024, r = 16).
-      dB = at::mm(S.t(), g2).t().contiguous();
-    }
-    dB.mul_(scaling);
+  const bool need_dS = need_dx || need_dA;
+  if (kernels.up_project_backward != nullptr) {
+    std::tie(dS, dB) = kernels.up_project_backward(g2, lora_B, S, scaling, need_dS, need_dB);
+  } else {
+    std::tie(dS, dB) = rank_r_products_over_g(kernels, g2, lora_B, S, scaling,
+                                              compute_type != adapter_type, need_dS, need_dB);
   }
 
   // dx = drop'(dS·A) + g·W: the LoRA term is written first (the fused pass under the mask,

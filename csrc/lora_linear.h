@@ -27,6 +27,13 @@ struct LoraKernels {
                                 const at::Tensor& dS, double dropout,
                                 const c10::optional<at::Tensor>& seed, at::Tensor& dA,
                                 at::Tensor& dx);
+  // Optional (nullptr: two separate products): dS[M, r] = scaling·g·B when need_dS and
+  // dB[N, r] = scaling·(Sᵀ·g)ᵀ when need_dB, in the adapters' dtype, reading g[M, N]
+  // (contiguous) once; an output not needed comes back undefined.
+  std::tuple<at::Tensor, at::Tensor> (*up_project_backward)(const at::Tensor& g,
+                                                            const at::Tensor& lora_B,
+                                                            const at::Tensor& S, double scaling,
+                                                            bool need_dS, bool need_dB);
 };
 
 // Returns (y, S). S = drop(x)·Aᵀ is what autograd saves besides x: [M, r] in A's dtype.

@@ -121,7 +121,41 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
   if (dA.defined()) at::sum_out(dA, partials, 0);
 }
 
-constexpr LoraKernels kCpuKernels{&down_project, &down_project_backward};
+// Both products over g in one pass: a thread takes a chunk of g rows (converted to the
+// adapters' dtype in its workspace when they differ) and runs both GEMMs on it while it is in
+// its cache. dB sums per-chunk partials in chunk order, like dA.
+std::tuple<at::Tensor, at::Tensor> up_project_backward(const at::Tensor& g, const at::Tensor& lora_B,
+                                                       const at::Tensor& S, double scaling,
+                                                       bool need_dS, bool need_dB) {
+  const int64_t M = g.size(0), N = g.size(1), r = lora_B.size(1);
+  const bool convert = g.scalar_type() != lora_B.scalar_type();
+  const int64_t chunk = chunk_rows(M, N, lora_B.element_size());
+  at::Tensor dS = need_dS ? at::empty({M, r}, lora_B.options()) : at::Tensor();
+  at::Tensor partials =
+      need_dB ? at::empty({(M + chunk - 1) / chunk, r, N}, lora_B.options()) : at::Tensor();
+  for_each_chunk(M, chunk, [&](int64_t c, int64_t m0, int64_t rows) {
+    at::Tensor g_rows = g.narrow(0, m0, rows);
+    if (convert) {
+      at::Tensor converted = chunk_workspace(0, rows, N, lora_B.options());
+      drop_convert_rows(dtype_of(g), dtype_of(lora_B), row_ptr(g, m0), row_ptr(converted, 0),
+                        rows, N, m0, nullptr);
+      g_rows = converted;
+    }
+    if (need_dS) {
+      at::Tensor dS_rows = dS.narrow(0, m0, rows);
+      at::mm_out(dS_rows, g_rows, lora_B);
+    }
+    if (need_dB) {
+      at::Tensor partial = partials.select(0, c);
+      at::mm_out(partial, S.narrow(0, m0, rows).t(), g_rows);
+    }
+  });
+  if (need_dS) dS.mul_(scaling);
+  at::Tensor dB = need_dB ? partials.sum(0).mul_(scaling).t().contiguous() : at::Tensor();
+  return {dS, dB};
+}
+
+constexpr LoraKernels kCpuKernels{&down_project, &down_project_backward, &up_project_backward};
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

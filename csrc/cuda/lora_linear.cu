@@ -291,7 +291,10 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
   });
 }
 
-constexpr LoraKernels kCudaKernels{&down_project, &down_project_backward};
+// No one-pass kernel over g yet: dS and dB are two products (cuBLAS, or the passes above for
+// float32 adapters on half-precision g).
+constexpr LoraKernels kCudaKernels{&down_project, &down_project_backward,
+                                   /*up_project_backward=*/nullptr};
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
