@@ -106,6 +106,10 @@ def worker(rank: int, port: int, out: str) -> None:
             results[mode, method] = trainers[mode](rank, build)
         if rank == 0:
             torch.save(results, out)
+        # Both ranks reach this point before either tears its process group down: a rank that
+        # destroyed it while the other's gloo threads were still winding down its last
+        # collectives aborted now and then ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
