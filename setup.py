@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 from pathlib import Path
 
-import shutil
-
+import setuptools
 import torch
 from setuptools import find_packages, setup
 
@@ -110,7 +110,9 @@ def wheel_cuda_include_dir() -> list[str]:
                 target.symlink_to(header)
     missing = [h for h in wanted if not (toolkit_include / h).exists() and not (shim / h).exists()]
     if missing:
-        sys.exit(f"peftkern: CUDA headers {missing} found neither in {toolkit_include} nor in nvidia-* wheels")
+        sys.exit(
+            f"peftkern: CUDA headers {missing} found neither in {toolkit_include} nor in nvidia-* wheels"
+        )
     return [str(shim)]
 
 
@@ -163,6 +165,17 @@ def extension(version: str, with_cuda: bool, archs: str):
     )
 
 
+def license_metadata() -> dict[str, str]:
+    """Apache-2.0 in the form this setuptools understands.
+
+    setuptools >= 77 takes an SPDX `license_expression` (PEP 639) and deprecates the free-text
+    `license`; older ones know only the latter and reject an SPDX string in pyproject.toml, so
+    the field is dynamic there and set here.
+    """
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 def main() -> None:
     with_cuda = want_cuda()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS) if with_cuda else ""
@@ -175,6 +188,7 @@ def main() -> None:
         packages=find_packages(include=["peftkern", "peftkern.*"]),
         ext_modules=[extension(version, with_cuda, archs)],
         cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+        **license_metadata(),
     )
 
 

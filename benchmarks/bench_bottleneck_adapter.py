@@ -17,14 +17,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
-        "--compile-modes", default=",".join(bottleneck_adapter.COMPILE_MODES),
+        "--compile-modes",
+        default=",".join(bottleneck_adapter.COMPILE_MODES),
         help="comma-separated torch.compile modes of the eager adapter to time ('' for none)",
     )
     parser.add_argument("--csv")
     parser.add_argument("--json")
     args = parser.parse_args()
     modes = tuple(m for m in args.compile_modes.split(",") if m)
-    results = bottleneck_adapter.run(bottleneck_adapter.default_cases(), rounds=args.rounds, compile_modes=modes)
+    results = bottleneck_adapter.run(
+        bottleneck_adapter.default_cases(), rounds=args.rounds, compile_modes=modes
+    )
     print(format_table(results))
     write_results(results, args.csv, args.json)
 

@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--csv")
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = lora_linear.run(lora_linear.default_cases(), rounds=args.rounds, with_compile=not args.no_compile)
+    results = lora_linear.run(
+        lora_linear.default_cases(), rounds=args.rounds, with_compile=not args.no_compile
+    )
     print(format_table(results))
     write_results(results, args.csv, args.json)
 

@@ -27,7 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [r for case in training_step.default_cases() for r in training_step.run(case, rounds=args.rounds)]
+    results = [
+        r for case in training_step.default_cases() for r in training_step.run(case, rounds=args.rounds)
+    ]
     print(format_table(results))
     for r in results:
         print(f"{r.case} {r.provider}: {1 / r.ratio_to_floor:.3f}x the speed of peft")

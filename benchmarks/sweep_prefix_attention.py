@@ -39,6 +39,7 @@ def median_ms(step, reps: int) -> float:
 def main() -> None:
     torch.manual_seed(0)
     for B, Hq, Hkv, n, m, d, causal in SHAPES:
+
         def leaf(*shape: int) -> torch.Tensor:
             return torch.randn(*shape).requires_grad_(True)
 
@@ -58,8 +59,10 @@ def main() -> None:
         reps = max(3, min(30, int(5e8 / (B * Hq * n * n * d))))
         floor_ms = min(median_ms(floor, reps) for _ in range(3))
         prefix_ms = min(median_ms(prefix, reps) for _ in range(3))
-        print(f"B{B} H{Hq}/{Hkv} n{n} m{m} d{d} {'causal' if causal else 'non-causal'}: "
-              f"no prefix (SDPA) {floor_ms:.1f} ms, peftkern {prefix_ms:.1f} ms, x floor {prefix_ms / floor_ms:.3f}")
+        print(
+            f"B{B} H{Hq}/{Hkv} n{n} m{m} d{d} {'causal' if causal else 'non-causal'}: "
+            f"no prefix (SDPA) {floor_ms:.1f} ms, peftkern {prefix_ms:.1f} ms, x floor {prefix_ms / floor_ms:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """LoRA linear under pytest-benchmark: every provider × mode of the default cases.
 
-    python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-enable --benchmark-group-by=param:mode
+python -m pytest benchmarks/test_bench_lora_linear.py --benchmark-enable --benchmark-group-by=param:mode
 """
 
 from __future__ import annotations
@@ -29,4 +29,6 @@ def test_lora_linear(benchmark, case_providers, provider_name, mode):
     provider = providers[provider_name]
     grad = torch.randn_like(provider.forward().detach())
     benchmark.extra_info.update(case=case.name, mode=mode)
-    benchmark.pedantic(run_once, args=(provider, mode, grad, torch.device(case.device)), rounds=10, warmup_rounds=2)
+    benchmark.pedantic(
+        run_once, args=(provider, mode, grad, torch.device(case.device)), rounds=10, warmup_rounds=2
+    )

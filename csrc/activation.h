@@ -23,28 +23,33 @@ inline Activation parse_activation(const std::string& name) {
   if (name == "gelu_tanh") return Activation::gelu_tanh;
   if (name == "silu" || name == "swish") return Activation::silu;
   if (name == "identity") return Activation::identity;
-  TORCH_CHECK(false, "peftkern: activation must be one of 'relu', 'gelu', 'gelu_tanh', 'silu' "
-              "('swish'), 'identity', got '", name, "'");
+  TORCH_CHECK(false,
+              "peftkern: activation must be one of 'relu', 'gelu', 'gelu_tanh', 'silu' "
+              "('swish'), 'identity', got '",
+              name, "'");
 }
 
 // Calls f(std::integral_constant<Activation, kind>{}) for the runtime kind.
 template <typename F>
 void with_activation(Activation kind, F&& f) {
   switch (kind) {
-    case Activation::relu: return f(std::integral_constant<Activation, Activation::relu>{});
-    case Activation::gelu: return f(std::integral_constant<Activation, Activation::gelu>{});
+    case Activation::relu:
+      return f(std::integral_constant<Activation, Activation::relu>{});
+    case Activation::gelu:
+      return f(std::integral_constant<Activation, Activation::gelu>{});
     case Activation::gelu_tanh:
       return f(std::integral_constant<Activation, Activation::gelu_tanh>{});
-    case Activation::silu: return f(std::integral_constant<Activation, Activation::silu>{});
+    case Activation::silu:
+      return f(std::integral_constant<Activation, Activation::silu>{});
     case Activation::identity:
       return f(std::integral_constant<Activation, Activation::identity>{});
   }
 }
 
 // Constants of the GELU formulas (the same as torch.nn.functional.gelu).
-constexpr double kSqrtHalf = 0.70710678118654752440;       // 1/√2
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;     // 1/√(2π)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;    // √(2/π)
+constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/√2
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/√(2π)
+constexpr double kSqrt2OverPi = 0.79788456080286535588;  // √(2/π)
 constexpr double kGeluTanhCubic = 0.044715;
 
 template <Activation A, typename C>

@@ -22,8 +22,8 @@ int64_t block_rows(const AttentionRowKernels& kernels, const Shape& s, int64_t e
 
 // Calls body(block) for consecutive blocks of query positions covering [0, n).
 template <typename F>
-void for_each_block(const AttentionRowKernels& kernels, const Shape& s, int64_t elem,
-                    bool causal, double scale, F&& body) {
+void for_each_block(const AttentionRowKernels& kernels, const Shape& s, int64_t elem, bool causal,
+                    double scale, F&& body) {
   const int64_t step = block_rows(kernels, s, elem);
   for (int64_t i0 = 0; i0 < s.n; i0 += step) {
     const int64_t rows = std::min(step, s.n - i0);
@@ -34,7 +34,8 @@ void for_each_block(const AttentionRowKernels& kernels, const Shape& s, int64_t 
 // The block's query rows as one matrix per batch-head: [B·Hkv, g·rows, cols] (a copy when
 // g > 1). rows4 is [B·Hkv, g, n, cols].
 at::Tensor block_of(const at::Tensor& rows4, const AttentionBlock& b) {
-  return rows4.narrow(2, b.q_begin, b.rows).reshape({rows4.size(0), rows4.size(1) * b.rows, rows4.size(3)});
+  return rows4.narrow(2, b.q_begin, b.rows)
+      .reshape({rows4.size(0), rows4.size(1) * b.rows, rows4.size(3)});
 }
 
 }  // namespace

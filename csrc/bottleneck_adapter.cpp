@@ -26,8 +26,10 @@ void check_adapter_args(const at::Tensor& h, const at::Tensor& w_down,
   check_dim(w_down, 2, "w_down", "[bottleneck, hidden_size]");
   check_dim(w_up, 2, "w_up", "[hidden_size, bottleneck]");
   const int64_t r = w_down.size(0), d = w_down.size(1);
-  TORCH_CHECK(r > 0, "peftkern: w_down.shape[0] is the bottleneck size r and must be > 0, got "
-              "shape ", shape_str(w_down));
+  TORCH_CHECK(r > 0,
+              "peftkern: w_down.shape[0] is the bottleneck size r and must be > 0, got "
+              "shape ",
+              shape_str(w_down));
   check_size(h, h.dim() - 1, d, "h", "w_down.shape[1] (hidden_size)");
   check_size(w_up, 0, d, "w_up", "w_down.shape[1] (hidden_size)");
   check_size(w_up, 1, r, "w_up", "w_down.shape[0] (the bottleneck size r)");
@@ -87,9 +89,9 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& grad_out,
-                            const at::Tensor& h, const at::Tensor& w_down,
-                            const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                            const at::Tensor& Z, const std::string& activation, double scaling,
+                            const at::Tensor& h, const at::Tensor& w_down, const at::Tensor& w_up,
+                            const c10::optional<at::Tensor>& b_up, const at::Tensor& Z,
+                            const std::string& activation, double scaling,
                             const c10::optional<at::Tensor>& scaling_vector, bool residual_is_h,
                             std::array<bool, 6> output_mask) {
   const Activation kind = parse_activation(activation);
@@ -113,8 +115,8 @@ bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& gra
   const at::Tensor scale = channel_scale(scaling_vector);
 
   // a = scaling·[act(Z) | 1], regenerated from Z (the M×r bottleneck is all that was saved).
-  at::Tensor a = need_G ? at::empty({Z2.size(0), r + (ones_column ? 1 : 0)}, h.options())
-                        : at::Tensor();
+  at::Tensor a =
+      need_G ? at::empty({Z2.size(0), r + (ones_column ? 1 : 0)}, h.options()) : at::Tensor();
   // The up-side gradients come from GEMMs over g against a = scaling·[act(Z) | 1]:
   //   G_s = (g ⊙ s)ᵀ·a, whose columns are dW_up and db_up, and
   //   G   = gᵀ·a for the gradient of the learned scale (only asked for when there is one).

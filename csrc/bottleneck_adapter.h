@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_adapter_forward(
 // grad_out and is handled by autograd without this op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 bottleneck_adapter_backward(const AdapterKernels& kernels, const at::Tensor& grad_out,
-                            const at::Tensor& h, const at::Tensor& w_down,
-                            const at::Tensor& w_up, const c10::optional<at::Tensor>& b_up,
-                            const at::Tensor& Z, const std::string& activation, double scaling,
+                            const at::Tensor& h, const at::Tensor& w_down, const at::Tensor& w_up,
+                            const c10::optional<at::Tensor>& b_up, const at::Tensor& Z,
+                            const std::string& activation, double scaling,
                             const c10::optional<at::Tensor>& scaling_vector, bool residual_is_h,
                             std::array<bool, 6> output_mask);
 

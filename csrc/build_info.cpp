@@ -26,8 +26,8 @@ BuildInfo build_info() {
                        std::to_string(TORCH_VERSION_PATCH);
 #if defined(PEFTKERN_WITH_CUDA)
   info.cuda = true;
-  info.cuda_version = std::to_string(CUDART_VERSION / 1000) + "." +
-                      std::to_string((CUDART_VERSION % 1000) / 10);
+  info.cuda_version =
+      std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
   info.cuda_archs = PEFTKERN_CUDA_ARCHS;
 #else
   info.cuda = false;

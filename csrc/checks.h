@@ -18,8 +18,8 @@ inline void check_defined(const at::Tensor& t, const char* name) {
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == dim, "peftkern: ", name, " must be ", dim, "-D ", layout,
-              ", got shape ", shape_str(t));
+  TORCH_CHECK(t.dim() == dim, "peftkern: ", name, " must be ", dim, "-D ", layout, ", got shape ",
+              shape_str(t));
 }
 
 inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* name,
@@ -30,8 +30,8 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
                               const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "peftkern: ", name, " is on ", t.device(),
-              " but ", ref_name, " is on ", ref.device(), "; move them to the same device");
+  TORCH_CHECK(t.device() == ref.device(), "peftkern: ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device(), "; move them to the same device");
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
@@ -55,11 +55,10 @@ inline void check_dropout(double p, const char* name) {
 // torch's generator by the Python wrapper), or None when dropout is off.
 inline void check_seed(const c10::optional<at::Tensor>& seed, double p, const at::Tensor& ref) {
   if (p == 0.0) return;
-  TORCH_CHECK(seed.has_value() && seed->defined(),
-              "peftkern: seed must be given when dropout > 0");
+  TORCH_CHECK(seed.has_value() && seed->defined(), "peftkern: seed must be given when dropout > 0");
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1,
-              "peftkern: seed must be a one-element int64 tensor, got dtype ",
-              seed->scalar_type(), " and shape ", shape_str(*seed));
+              "peftkern: seed must be a one-element int64 tensor, got dtype ", seed->scalar_type(),
+              " and shape ", shape_str(*seed));
   check_same_device(*seed, ref, "seed", "x");
 }
 

@@ -112,9 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     std::array<bool, 5> output_mask) {
   check_lora_args(x, weight, c10::nullopt, lora_A, lora_B, dropout, seed);
   const int64_t K = weight.size(1), N = weight.size(0), r = lora_A.size(0);
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.sizes().back() == N && leading_rows(grad_y) == leading_rows(x),
-              "peftkern: grad_y must have shape [..., out_features] matching x, got ",
-              shape_str(grad_y));
+  TORCH_CHECK(
+      grad_y.dim() >= 1 && grad_y.sizes().back() == N && leading_rows(grad_y) == leading_rows(x),
+      "peftkern: grad_y must have shape [..., out_features] matching x, got ", shape_str(grad_y));
   check_dim(S, 2, "S", "[rows, r]");
   check_size(S, 1, r, "S", "the rank r");
   const auto [need_dx, need_dW, need_dbias, need_dA, need_dB] = output_mask;

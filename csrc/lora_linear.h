@@ -23,10 +23,9 @@ struct LoraKernels {
   // dA[r, K] = dSᵀ·drop(x) when dA is defined, and dx[M, K] = drop'(dS·A) when dx is
   // defined (written, not read: the base GEMM accumulates into it afterwards),
   // regenerating the dropout mask on the fly and reading x once.
-  void (*down_project_backward)(const at::Tensor& x, const at::Tensor& lora_A,
-                                const at::Tensor& dS, double dropout,
-                                const c10::optional<at::Tensor>& seed, at::Tensor& dA,
-                                at::Tensor& dx);
+  void (*down_project_backward)(const at::Tensor& x, const at::Tensor& lora_A, const at::Tensor& dS,
+                                double dropout, const c10::optional<at::Tensor>& seed,
+                                at::Tensor& dA, at::Tensor& dx);
   // Optional (nullptr: two separate products): dS[M, r] = scaling·g·B when need_dS and
   // dB[N, r] = scaling·(Sᵀ·g)ᵀ when need_dB, in the adapters' dtype, reading g[M, N]
   // (contiguous) once; an output not needed comes back undefined.

@@ -25,8 +25,8 @@ Dims check_prefix_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(d > 0, "peftkern: q.shape[3] (head_dim) must be > 0, got q ", shape_str(q));
   check_size(k, 0, B, "k", "q.shape[0] (batch)");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "peftkern: q.shape[1] (query heads, ", Hq,
-              ") must be a positive multiple of k.shape[1] (key/value heads, ", Hkv,
-              "), got q ", shape_str(q), " and k ", shape_str(k));
+              ") must be a positive multiple of k.shape[1] (key/value heads, ", Hkv, "), got q ",
+              shape_str(q), " and k ", shape_str(k));
   check_size(k, 2, n, "k", "q.shape[2] (sequence length)");
   check_size(k, 3, d, "k", "q.shape[3] (head_dim)");
   TORCH_CHECK(v.sizes() == k.sizes(), "peftkern: v must have the shape of k ", shape_str(k),
@@ -35,13 +35,16 @@ Dims check_prefix_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const bool shared = prefix_k.dim() == 3;
   TORCH_CHECK(prefix_k.dim() == 3 || prefix_k.dim() == 4,
               "peftkern: prefix_k must be [kv_heads, m, head_dim] (shared) or "
-              "[batch, kv_heads, m, head_dim] (per example), got shape ", shape_str(prefix_k));
+              "[batch, kv_heads, m, head_dim] (per example), got shape ",
+              shape_str(prefix_k));
   const int64_t off = shared ? 0 : 1;
   if (!shared) check_size(prefix_k, 0, B, "prefix_k", "q.shape[0] (batch)");
   check_size(prefix_k, off, Hkv, "prefix_k", "k.shape[1] (key/value heads)");
   check_size(prefix_k, off + 2, d, "prefix_k", "q.shape[3] (head_dim)");
-  TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), "peftkern: prefix_v must have the shape of "
-              "prefix_k ", shape_str(prefix_k), ", got ", shape_str(prefix_v));
+  TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(),
+              "peftkern: prefix_v must have the shape of "
+              "prefix_k ",
+              shape_str(prefix_k), ", got ", shape_str(prefix_v));
 
   const std::pair<const at::Tensor*, const char*> others[] = {
       {&k, "k"}, {&v, "v"}, {&prefix_k, "prefix_k"}, {&prefix_v, "prefix_v"}};
@@ -102,9 +105,8 @@ void prefix_forward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s
 // prefix gradients.
 void prefix_backward_by_gemm(const PrefixAttentionKernels& kernels, const Dims& s,
                              const at::Tensor& dO, const at::Tensor& qc, const at::Tensor& pk,
-                             const at::Tensor& pv, const at::Tensor& out_c,
-                             const at::Tensor& lse_c, double scale, at::Tensor& dq,
-                             at::Tensor* grad_k, at::Tensor* grad_v) {
+                             const at::Tensor& pv, const at::Tensor& out_c, const at::Tensor& lse_c,
+                             double scale, at::Tensor& dq, at::Tensor* grad_k, at::Tensor* grad_v) {
   // The last size is given, not inferred: with B = 0 a -1 would be ambiguous.
   const auto rows = [&](const at::Tensor& t) {
     return t.contiguous().view({s.B, s.Hkv, s.g * s.n, t.size(-1)});
@@ -195,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   // As in forward: the fused kernel and the prefix part in the compute dtype, the sequence
   // part with the inputs as they are.
   if (kernels.fused_backward != nullptr) {
-    if (auto fused = kernels.fused_backward(
-            in_compute(grad_out, type), in_compute(q, type), in_compute(k, type),
-            in_compute(v, type), pk, pv, mask, in_compute(out, type), lse_c, causal, scale,
-            output_mask)) {
+    if (auto fused =
+            kernels.fused_backward(in_compute(grad_out, type), in_compute(q, type),
+                                   in_compute(k, type), in_compute(v, type), pk, pv, mask,
+                                   in_compute(out, type), lse_c, causal, scale, output_mask)) {
       auto& [dq, dk, dv, dpk, dpv] = *fused;
       return finish(dq, dk, dv, dpk, dpv);
     }
@@ -214,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   if (s.m > 0 && (need_dq || need_dpk || need_dpv)) {
     if (dq.defined()) dq = dq.to(type);  // the prefix part adds to it in the compute dtype
     prefix_backward_by_gemm(kernels, s, in_compute(grad_out, type), in_compute(q, type), pk, pv,
-                            in_compute(out, type), lse_c, scale, dq,
-                            need_dpk ? &dpk : nullptr, need_dpv ? &dpv : nullptr);
+                            in_compute(out, type), lse_c, scale, dq, need_dpk ? &dpk : nullptr,
+                            need_dpv ? &dpv : nullptr);
   }
   return finish(dq, dk, dv, dpk, dpv);
 }

@@ -6,7 +6,9 @@
 namespace peftkern {
 
 // An optional tensor argument that was actually passed (not None, not undefined).
-inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline bool given(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
 
 // The number of rows of t seen as [..., features]: the product of all but the last size
 // (counted, not derived from numel(), which is 0 for every row count when features is 0).

@@ -15,7 +15,9 @@ import peftkern
 def main() -> None:
     torch.manual_seed(0)
     info = peftkern.build_info()
-    print(f"peftkern {info['version']}: CPU kernels {info['cpu_isa']}, CUDA kernels {'yes' if info['cuda'] else 'no'}")
+    print(
+        f"peftkern {info['version']}: CPU kernels {info['cpu_isa']}, CUDA kernels {'yes' if info['cuda'] else 'no'}"
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # A "pretrained" base model, and a target that differs from it by a low-rank update:
@@ -26,7 +28,9 @@ def main() -> None:
     with torch.no_grad():
         for layer in (teacher[0], teacher[2]):
             out_f, in_f = layer.weight.shape
-            layer.weight += 0.1 * torch.randn(out_f, 4, device=device) @ torch.randn(4, in_f, device=device) / 4
+            layer.weight += (
+                0.1 * torch.randn(out_f, 4, device=device) @ torch.randn(4, in_f, device=device) / 4
+            )
 
     # One line per layer: the base weights are shared and frozen, only A and B train.
     model[0] = peftkern.LoRALinear.from_linear(model[0], r=8, lora_alpha=16, lora_dropout=0.05)

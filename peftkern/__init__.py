@@ -8,7 +8,7 @@ from peftkern._loader import load_extension
 
 _C = load_extension()
 
-from peftkern import ops  # noqa: E402  (registers fake kernels and autograd on the ops)
+from peftkern import ops  # noqa: E402,F401  (registers fake kernels and autograd on the ops)
 from peftkern.functional import bottleneck_adapter, lora_linear, prefix_attention  # noqa: E402
 from peftkern.nn import BottleneckAdapter, LoRALinear, PrefixAttention, PrefixEncoder  # noqa: E402
 
@@ -34,9 +34,24 @@ from peftkern.integrations import (  # noqa: E402
 )
 
 __all__ = [
-    "AdapterFormatError", "BottleneckAdapter", "LoRALinear", "LoRASummary", "PatchReport", "PrefixAttention", "PrefixEncoder", "__version__",
-    "bottleneck_adapter", "build_info", "inject_lora", "load_adapter", "lora_linear", "merge_and_unload",
-    "patch_peft", "prefix_attention", "save_adapter", "unpatch_peft",
+    "AdapterFormatError",
+    "BottleneckAdapter",
+    "LoRALinear",
+    "LoRASummary",
+    "PatchReport",
+    "PrefixAttention",
+    "PrefixEncoder",
+    "__version__",
+    "bottleneck_adapter",
+    "build_info",
+    "inject_lora",
+    "load_adapter",
+    "lora_linear",
+    "merge_and_unload",
+    "patch_peft",
+    "prefix_attention",
+    "save_adapter",
+    "unpatch_peft",
 ]
 
 from peftkern.integrations import AdapterSummary, InjectSummary, inject_adapters  # noqa: E402

@@ -15,7 +15,9 @@ def _info(args: argparse.Namespace) -> int:
     import peftkern
 
     info = peftkern.build_info()
-    print(f"peftkern {info['version']} (built with torch {info['torch_version']}, running torch {torch.__version__})")
+    print(
+        f"peftkern {info['version']} (built with torch {info['torch_version']}, running torch {torch.__version__})"
+    )
     if info["cuda"]:
         print(f"CUDA kernels: compiled with CUDA {info['cuda_version']} for {info['cuda_archs']}")
     else:
@@ -23,12 +25,16 @@ def _info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"GPU: cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, "
-                  f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+            print(
+                f"GPU: cuda:{i} {p.name}, compute capability {p.major}.{p.minor}, "
+                f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs"
+            )
     else:
         cuda = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch"
         print(f"GPU: none ({cuda})")
-    threads = f"{torch.get_num_threads()} threads" if info["cpu_parallel"] else "1 thread (built without OpenMP)"
+    threads = (
+        f"{torch.get_num_threads()} threads" if info["cpu_parallel"] else "1 thread (built without OpenMP)"
+    )
     print(f"CPU kernels: {info['cpu_isa']} on {threads}")
     return 0
 
@@ -45,14 +51,34 @@ def _compare(args: argparse.Namespace) -> int:
     if args.list_methods:
         for m in methods.METHODS.values():
             reason = m.unavailable_reason()
-            print(f"{m.name:<11} {m.summary}" + (f"  [not yet available in this build: {reason}]" if reason else ""))
+            print(
+                f"{m.name:<11} {m.summary}"
+                + (f"  [not yet available in this build: {reason}]" if reason else "")
+            )
         return 0
-    train = TrainConfig(epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size,
-                        patience=args.patience, seed=args.seed, progress=not args.no_progress)
-    comparison = run(CompareConfig(model=args.model, data=args.data, methods=_list(args.methods),
-                                   out=args.out, max_length=args.max_length, device=args.device, train=train))
+    train = TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    comparison = run(
+        CompareConfig(
+            model=args.model,
+            data=args.data,
+            methods=_list(args.methods),
+            out=args.out,
+            max_length=args.max_length,
+            device=args.device,
+            train=train,
+        )
+    )
     print(report.format_table(comparison.results, comparison.title))
-    missing = [f"{m.name} ({m.unavailable_reason()})" for m in methods.METHODS.values() if m.unavailable_reason()]
+    missing = [
+        f"{m.name} ({m.unavailable_reason()})" for m in methods.METHODS.values() if m.unavailable_reason()
+    ]
     if missing and not args.methods:
         print(f"not yet available in this build: {', '.join(missing)}")
     print("wrote " + ", ".join(str(f) for f in comparison.files))
@@ -81,25 +107,37 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkern", description="Fused kernels for parameter-efficient fine-tuning.")
+    parser = argparse.ArgumentParser(
+        prog="peftkern", description="Fused kernels for parameter-efficient fine-tuning."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("info", help="build information and what this machine offers").set_defaults(run=_info)
 
     compare = commands.add_parser(
-        "compare", help="fine-tune a pretrained model with each method and measure them",
+        "compare",
+        help="fine-tune a pretrained model with each method and measure them",
         description="Fine-tunes a pretrained model with full fine-tuning, LoRA, ... and head-only, and "
-                    "reports trainable share, time per step, memory and accuracy. Default: the packaged "
-                    "MiniLM on the built-in review-sentiment task, offline.")
-    compare.add_argument("--methods", default="", help="comma-separated (default: every available one; see --list-methods)")
-    compare.add_argument("--list-methods", action="store_true", help="list the methods and whether this build has them")
-    compare.add_argument("--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)")
+        "reports trainable share, time per step, memory and accuracy. Default: the packaged "
+        "MiniLM on the built-in review-sentiment task, offline.",
+    )
+    compare.add_argument(
+        "--methods", default="", help="comma-separated (default: every available one; see --list-methods)"
+    )
+    compare.add_argument(
+        "--list-methods", action="store_true", help="list the methods and whether this build has them"
+    )
+    compare.add_argument(
+        "--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)"
+    )
     compare.add_argument("--data", help='a JSONL file of {"text","label"} or {"prompt","completion"} records')
     compare.add_argument("--epochs", type=int, default=3, help="at most this many epochs (default 3)")
     compare.add_argument("--steps", type=int, help="at most this many training steps per method")
     compare.add_argument("--batch-size", type=int, default=16)
     compare.add_argument("--max-length", type=int, default=40, help="tokens per example (default 40)")
-    compare.add_argument("--patience", type=int, default=2, help="epochs without a better validation loss before stopping")
+    compare.add_argument(
+        "--patience", type=int, default=2, help="epochs without a better validation loss before stopping"
+    )
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     compare.add_argument("--out", default="peftkern-compare", help="directory for compare.csv/.json/.png")
@@ -109,7 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="kernel benchmarks: providers x modes, as ratios to the floor")
     bench.add_argument("--ops", default="", help="comma-separated suites (default: all in this build)")
     bench.add_argument("--rounds", type=int, default=15, help="timed rounds per provider and mode")
-    bench.add_argument("--quick", action="store_true", help="tiny shapes: checks the suites run, times mean little")
+    bench.add_argument(
+        "--quick", action="store_true", help="tiny shapes: checks the suites run, times mean little"
+    )
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     bench.add_argument("--csv", help="write the results as CSV")
     bench.add_argument("--json", help="write the results as JSON")

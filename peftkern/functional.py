@@ -8,6 +8,10 @@ from torch import Tensor
 from peftkern.ops import bottleneck_adapter_op, lora_linear_op, prefix_attention_op
 
 _SEED_HIGH = 2**62
+# The devices peftkern has kernels for, all of which have autocast. A constant rather than
+# torch.amp.is_autocast_available(): dynamo before torch 2.13 cannot trace that call and would
+# break the graph of every compiled LoRA layer.
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 
 
 def draw_seed(device: torch.device) -> Tensor:
@@ -17,6 +21,11 @@ def draw_seed(device: torch.device) -> Tensor:
     `torch.utils.checkpoint` (which restores the RNG state) recompute the same mask.
     """
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether torch.autocast is on for `device_type`, in a form torch.compile traces."""
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def lora_linear(
@@ -42,7 +51,7 @@ def lora_linear(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         # Custom ops get no autocast treatment of their own. Do what autocast does for the
         # base linear (compute in the autocast dtype) while float32 adapters stay float32:
         # the op's mixed-precision mode, which never makes a float32 copy of x.
@@ -52,7 +61,9 @@ def lora_linear(
         if lora_A.dtype != torch.float32:
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return lora_linear(x, weight, lora_A, lora_B, bias=bias, scaling=scaling, dropout=dropout, training=training)
+            return lora_linear(
+                x, weight, lora_A, lora_B, bias=bias, scaling=scaling, dropout=dropout, training=training
+            )
     p = float(dropout) if training else 0.0
     seed = draw_seed(x.device) if p > 0.0 else None
     y, _ = lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
@@ -82,7 +93,9 @@ def bottleneck_adapter(
         factor, scaling_vector = 1.0, scaling
     else:
         factor, scaling_vector = float(scaling), None
-    out, _ = bottleneck_adapter_op(h, w_down, b_down, w_up, b_up, activation, factor, scaling_vector, residual)
+    out, _ = bottleneck_adapter_op(
+        h, w_down, b_down, w_up, b_up, activation, factor, scaling_vector, residual
+    )
     return out
 
 

@@ -8,7 +8,8 @@ backward is itself an op, so a compiled training step has no graph break.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,11 +36,17 @@ def _lora_linear_fake(
     # The C++ kernels check everything; the fake repeats what decides output shapes and
     # placement, so a traced program fails at trace time with the same words.
     torch._check(x.shape[-1] == weight.shape[1], lambda: "peftkern: x.shape[-1] must equal weight.shape[1]")
-    torch._check(lora_A.shape[1] == weight.shape[1], lambda: "peftkern: lora_A.shape[1] must equal weight.shape[1]")
-    torch._check(lora_B.shape[0] == weight.shape[0], lambda: "peftkern: lora_B.shape[0] must equal weight.shape[0]")
+    torch._check(
+        lora_A.shape[1] == weight.shape[1], lambda: "peftkern: lora_A.shape[1] must equal weight.shape[1]"
+    )
+    torch._check(
+        lora_B.shape[0] == weight.shape[0], lambda: "peftkern: lora_B.shape[0] must equal weight.shape[0]"
+    )
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
         if t is not None:
-            torch._check(t.device == x.device, lambda: f"peftkern: {name} is on {t.device} but x is on {x.device}")
+            torch._check(
+                t.device == x.device, lambda: f"peftkern: {name} is on {t.device} but x is on {x.device}"
+            )
     rows = math.prod(x.shape[:-1])
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     S = lora_A.new_empty((rows, lora_A.shape[0]))
@@ -84,7 +91,9 @@ def _lora_linear_backward(ctx: Any, grad_y: Tensor, grad_S: Tensor | None) -> tu
     x, weight, lora_A, lora_B, S, seed = ctx.saved_tensors
     # Inputs are (x, weight, bias, lora_A, lora_B, ...), the order the backward op returns.
     mask = [bool(n) for n in ctx.needs_input_grad[:5]]
-    grads = lora_linear_backward_op(grad_y, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout, seed, mask)
+    grads = lora_linear_backward_op(
+        grad_y, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout, seed, mask
+    )
     return (*(g if needed else None for g, needed in zip(grads, mask)), None, None, None)
 
 
@@ -110,8 +119,12 @@ def _bottleneck_adapter_fake(
     residual: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     torch._check(h.shape[-1] == w_down.shape[1], lambda: "peftkern: h.shape[-1] must equal w_down.shape[1]")
-    torch._check(w_up.shape[0] == w_down.shape[1], lambda: "peftkern: w_up.shape[0] must equal w_down.shape[1]")
-    torch._check(w_up.shape[1] == w_down.shape[0], lambda: "peftkern: w_up.shape[1] must equal w_down.shape[0]")
+    torch._check(
+        w_up.shape[0] == w_down.shape[1], lambda: "peftkern: w_up.shape[0] must equal w_down.shape[1]"
+    )
+    torch._check(
+        w_up.shape[1] == w_down.shape[0], lambda: "peftkern: w_up.shape[1] must equal w_down.shape[0]"
+    )
     rows = math.prod(h.shape[:-1])
     return h.new_empty(h.shape), h.new_empty((rows, w_down.shape[0]))
 
@@ -142,7 +155,9 @@ def _bottleneck_adapter_backward_fake(
     )
 
 
-def _bottleneck_adapter_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+def _bottleneck_adapter_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]
+) -> None:
     h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual = inputs
     _, Z = output
     # h and the [rows, r] pre-activation are the only activations kept; the rest are
@@ -154,13 +169,25 @@ def _bottleneck_adapter_setup_context(ctx: Any, inputs: tuple[Any, ...], output:
     ctx.mark_non_differentiable(Z)
 
 
-def _bottleneck_adapter_backward(ctx: Any, grad_out: Tensor, grad_Z: Tensor | None) -> tuple[Tensor | None, ...]:
+def _bottleneck_adapter_backward(
+    ctx: Any, grad_out: Tensor, grad_Z: Tensor | None
+) -> tuple[Tensor | None, ...]:
     h, w_down, w_up, b_up, Z, scaling_vector = ctx.saved_tensors
     # Inputs are (h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual).
     needs = ctx.needs_input_grad
     mask = [bool(needs[i]) for i in (0, 1, 2, 3, 4, 7)]
     dh, dwd, dbd, dwu, dbu, ds = bottleneck_adapter_backward_op(
-        grad_out, h, w_down, w_up, b_up, Z, ctx.activation, ctx.scaling, scaling_vector, ctx.residual_is_h, mask
+        grad_out,
+        h,
+        w_down,
+        w_up,
+        b_up,
+        Z,
+        ctx.activation,
+        ctx.scaling,
+        scaling_vector,
+        ctx.residual_is_h,
+        mask,
     )
     grads = [g if needed else None for g, needed in zip((dh, dwd, dbd, dwu, dbu, ds), mask)]
     d_residual = grad_out if needs[8] else None
@@ -168,7 +195,9 @@ def _bottleneck_adapter_backward(ctx: Any, grad_out: Tensor, grad_Z: Tensor | No
 
 
 torch.library.register_autograd(
-    "peftkern::bottleneck_adapter", _bottleneck_adapter_backward, setup_context=_bottleneck_adapter_setup_context
+    "peftkern::bottleneck_adapter",
+    _bottleneck_adapter_backward,
+    setup_context=_bottleneck_adapter_setup_context,
 )
 
 
@@ -201,10 +230,17 @@ def _prefix_attention_fake(
     causal: bool,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    torch._check(q.dim() == 4 and k.dim() == 4, lambda: "peftkern: q and k must be 4-D [batch, heads, seq, head_dim]")
-    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "peftkern: q.shape[1] must be a multiple of k.shape[1]")
+    torch._check(
+        q.dim() == 4 and k.dim() == 4, lambda: "peftkern: q and k must be 4-D [batch, heads, seq, head_dim]"
+    )
+    torch._check(
+        q.shape[1] % k.shape[1] == 0, lambda: "peftkern: q.shape[1] must be a multiple of k.shape[1]"
+    )
     torch._check(k.shape[3] == q.shape[3], lambda: "peftkern: k.shape[3] must equal q.shape[3] (head_dim)")
-    torch._check(prefix_k.shape[-1] == q.shape[3], lambda: "peftkern: prefix_k.shape[-1] must equal q.shape[3] (head_dim)")
+    torch._check(
+        prefix_k.shape[-1] == q.shape[3],
+        lambda: "peftkern: prefix_k.shape[-1] must equal q.shape[3] (head_dim)",
+    )
     return _heads_layout(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
@@ -224,9 +260,12 @@ def _prefix_attention_backward_fake(
     output_mask: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # dq, dk, dv in the heads layout like out; the prefix gradients are contiguous.
-    q_grads = tuple(_heads_layout(t) if needed else t.new_empty((0,)) for needed, t in zip(output_mask, (q, k, v)))
+    q_grads = tuple(
+        _heads_layout(t) if needed else t.new_empty((0,)) for needed, t in zip(output_mask, (q, k, v))
+    )
     prefix_grads = tuple(
-        _grad_or_empty(needed, t, t.shape, t.dtype) for needed, t in zip(output_mask[3:], (prefix_k, prefix_v))
+        _grad_or_empty(needed, t, t.shape, t.dtype)
+        for needed, t in zip(output_mask[3:], (prefix_k, prefix_v))
     )
     return q_grads + prefix_grads
 
@@ -242,7 +281,9 @@ def _prefix_attention_setup_context(ctx: Any, inputs: tuple[Any, ...], output: t
     ctx.mark_non_differentiable(lse)
 
 
-def _prefix_attention_backward(ctx: Any, grad_out: Tensor, grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+def _prefix_attention_backward(
+    ctx: Any, grad_out: Tensor, grad_lse: Tensor | None
+) -> tuple[Tensor | None, ...]:
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = prefix_attention_backward_op(
@@ -274,7 +315,9 @@ def _refuse_second_derivative(forward_name: str) -> None:
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         pass
 
-    torch.library.register_autograd(f"peftkern::{forward_name}_backward", backward, setup_context=setup_context)
+    torch.library.register_autograd(
+        f"peftkern::{forward_name}_backward", backward, setup_context=setup_context
+    )
 
 
 for _name in ("lora_linear", "bottleneck_adapter", "prefix_attention"):

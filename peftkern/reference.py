@@ -50,7 +50,9 @@ def dropout_keep(rows: int, cols: int, seed: int, p: float, device: torch.device
     col = torch.arange(cols, dtype=torch.int64, device=device)[None, :].expand(rows, cols)
     words = philox4x32_10(col // 4, row, row >> 32, seed % 2**64)
     lane = col % 4
-    word = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3])))
+    word = torch.where(
+        lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2], words[3]))
+    )
     threshold = math.ceil(p * 2**24)
     return (word >> 8) >= threshold
 

@@ -11,8 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import peftkern  # noqa: E402,F401
 from op_samples import SAMPLES  # noqa: E402
+
+import peftkern  # noqa: E402,F401
 
 
 def main() -> None:

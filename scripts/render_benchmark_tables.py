@@ -36,7 +36,9 @@ def render_file(path: Path) -> str:
         lines += [
             f"`{case}`",
             "",
-            "| provider | " + " | ".join(f"{m} (× floor)" for m in modes) + f" | {modes[-1]} ms | saved activations |",
+            "| provider | "
+            + " | ".join(f"{m} (× floor)" for m in modes)
+            + f" | {modes[-1]} ms | saved activations |",
             "|---" * (len(modes) + 3) + "|",
         ]
         for provider, by_mode in providers.items():

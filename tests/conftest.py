@@ -22,10 +22,14 @@ def cuda_test(test):
     return test
 
 
-def assert_close_low_precision(actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, name: str) -> None:
+def assert_close_low_precision(
+    actual: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, name: str
+) -> None:
     """The FlashAttention rule: the kernel's error against a float64 truth may be at most twice
     the error of plain PyTorch in the same dtype (plus a hair for results that are exact)."""
     actual_err = (actual.double() - truth.double()).abs().max().item()
     plain_err = (plain.double() - truth.double()).abs().max().item()
     scale = truth.abs().max().item() + 1e-12
-    assert actual_err <= 2 * plain_err + 1e-5 * scale, f"{name}: error {actual_err:.3g} vs plain {plain_err:.3g}"
+    assert actual_err <= 2 * plain_err + 1e-5 * scale, (
+        f"{name}: error {actual_err:.3g} vs plain {plain_err:.3g}"
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models from configs; never download
 
@@ -22,8 +22,13 @@ VOCAB = 97
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -31,8 +36,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
     )
     return BertModel(config).eval()
 
@@ -67,11 +78,15 @@ def tokens(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def peft_lora(base: nn.Module, target_modules, r: int = 4, lora_alpha: float = 8, lora_dropout: float = 0.0, **kwargs):
+def peft_lora(
+    base: nn.Module, target_modules, r: int = 4, lora_alpha: float = 8, lora_dropout: float = 0.0, **kwargs
+):
     """A `peft` LoRA model on a copy of `base`, with lora_B made non-zero (as after training)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules), **kwargs)
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules), **kwargs
+    )
     model = get_peft_model(copy.deepcopy(base), config)
     torch.manual_seed(123)
     with torch.no_grad():
@@ -84,7 +99,11 @@ def peft_lora(base: nn.Module, target_modules, r: int = 4, lora_alpha: float = 8
 def lora_factors(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
     """LoRA factors (or their grads) keyed `<module path>.lora_A|lora_B` for a peft or an
     injected model alike, so the two can be compared key by key."""
-    return {common_key(name): p.grad if grads else p.detach() for name, p in model.named_parameters() if "lora_" in name}
+    return {
+        common_key(name): p.grad if grads else p.detach()
+        for name, p in model.named_parameters()
+        if "lora_" in name
+    }
 
 
 def common_key(name: str) -> str:

@@ -5,7 +5,7 @@ A new op adds its samples here; test_opcheck fails for any registered op without
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +19,16 @@ def _lora_linear_samples(device: str) -> list[tuple]:
         (t(5, 16), t(12, 16), t(12), t(4, 16), t(12, 4), 2.0, 0.0, None),
         (t(2, 3, 16), t(12, 16, grad=False), None, t(4, 16), t(12, 4), 0.5, 0.25, seed),
         (t(0, 16), t(12, 16), t(12), t(4, 16), t(12, 4), 1.0, 0.0, None),
-        (t(3, 8, dtype=torch.bfloat16), t(6, 8, dtype=torch.bfloat16, grad=False), None, t(2, 8), t(6, 2), 1.0, 0.1, seed),
+        (
+            t(3, 8, dtype=torch.bfloat16),
+            t(6, 8, dtype=torch.bfloat16, grad=False),
+            None,
+            t(2, 8),
+            t(6, 2),
+            1.0,
+            0.1,
+            seed,
+        ),
     ]
 
 
@@ -28,8 +37,25 @@ def _lora_linear_backward_samples(device: str) -> list[tuple]:
     for x, weight, bias, lora_A, lora_B, scaling, dropout, seed in _lora_linear_samples(device):
         y, S = torch.ops.peftkern.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
         grad_y = torch.randn_like(y)
-        for mask in ([True, True, True, True, True], [True, False, False, True, True], [False, False, False, True, False]):
-            samples.append((grad_y, x.detach(), weight.detach(), lora_A.detach(), lora_B.detach(), S, scaling, dropout, seed, mask))
+        for mask in (
+            [True, True, True, True, True],
+            [True, False, False, True, True],
+            [False, False, False, True, False],
+        ):
+            samples.append(
+                (
+                    grad_y,
+                    x.detach(),
+                    weight.detach(),
+                    lora_A.detach(),
+                    lora_B.detach(),
+                    S,
+                    scaling,
+                    dropout,
+                    seed,
+                    mask,
+                )
+            )
     return samples
 
 
@@ -41,20 +67,59 @@ def _bottleneck_adapter_samples(device: str) -> list[tuple]:
         (t(5, 16), t(4, 16), t(4), t(16, 4), t(16), "relu", 0.5, None, None),
         (t(2, 3, 16), t(4, 16), None, t(16, 4), None, "gelu", 1.0, t(16), t(2, 3, 16)),
         (t(0, 16), t(4, 16), t(4), t(16, 4), t(16), "silu", 1.0, None, None),
-        (t(3, 8, dtype=torch.bfloat16), t(2, 8, dtype=torch.bfloat16), t(2, dtype=torch.bfloat16),
-         t(8, 2, dtype=torch.bfloat16), t(8, dtype=torch.bfloat16), "gelu_tanh", 2.0, t(8, dtype=torch.bfloat16), None),
+        (
+            t(3, 8, dtype=torch.bfloat16),
+            t(2, 8, dtype=torch.bfloat16),
+            t(2, dtype=torch.bfloat16),
+            t(8, 2, dtype=torch.bfloat16),
+            t(8, dtype=torch.bfloat16),
+            "gelu_tanh",
+            2.0,
+            t(8, dtype=torch.bfloat16),
+            None,
+        ),
     ]
 
 
 def _bottleneck_adapter_backward_samples(device: str) -> list[tuple]:
     samples = []
-    for h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual in _bottleneck_adapter_samples(device):
-        out, Z = torch.ops.peftkern.bottleneck_adapter(h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual)
+    for (
+        h,
+        w_down,
+        b_down,
+        w_up,
+        b_up,
+        activation,
+        scaling,
+        scaling_vector,
+        residual,
+    ) in _bottleneck_adapter_samples(device):
+        out, Z = torch.ops.peftkern.bottleneck_adapter(
+            h, w_down, b_down, w_up, b_up, activation, scaling, scaling_vector, residual
+        )
         grad_out = torch.randn_like(out)
         s = scaling_vector.detach() if scaling_vector is not None else None
         b = b_up.detach() if b_up is not None else None
-        for mask in ([True] * 6, [True, False, False, True, True, False], [False, False, False, False, True, True]):
-            samples.append((grad_out, h.detach(), w_down.detach(), w_up.detach(), b, Z, activation, scaling, s, residual is None, mask))
+        for mask in (
+            [True] * 6,
+            [True, False, False, True, True, False],
+            [False, False, False, False, True, True],
+        ):
+            samples.append(
+                (
+                    grad_out,
+                    h.detach(),
+                    w_down.detach(),
+                    w_up.detach(),
+                    b,
+                    Z,
+                    activation,
+                    scaling,
+                    s,
+                    residual is None,
+                    mask,
+                )
+            )
     return samples
 
 
@@ -68,14 +133,40 @@ def _prefix_attention_samples(device: str) -> list[tuple]:
         (t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 5, 8), t(2, 2, 1, 8), t(2, 2, 1, 8), None, False, 0.5),
         (t(1, 2, 3, 8), t(1, 1, 3, 8), t(1, 1, 3, 8), t(1, 0, 8), t(1, 0, 8), None, True, 0.35),
         # q, k, v in the [B, n, H, d] memory of projections: out and grads keep that layout.
-        (*(x.transpose(1, 2) for x in (t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8))), t(2, 3, 8), t(2, 3, 8),
-         mask, True, 0.35),
-        (t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16), t(1, 2, 4, 16, dtype=torch.bfloat16),
-         t(2, 2, 16, dtype=torch.bfloat16), t(2, 2, 16, dtype=torch.bfloat16), None, True, 0.25),
+        (
+            *(x.transpose(1, 2) for x in (t(2, 5, 4, 8), t(2, 5, 2, 8), t(2, 5, 2, 8))),
+            t(2, 3, 8),
+            t(2, 3, 8),
+            mask,
+            True,
+            0.35,
+        ),
+        (
+            t(1, 2, 4, 16, dtype=torch.bfloat16),
+            t(1, 2, 4, 16, dtype=torch.bfloat16),
+            t(1, 2, 4, 16, dtype=torch.bfloat16),
+            t(2, 2, 16, dtype=torch.bfloat16),
+            t(2, 2, 16, dtype=torch.bfloat16),
+            None,
+            True,
+            0.25,
+        ),
         # Half precision, GQA, projection layout, no mask: the FlashAttention path on a GPU.
-        (*(x.transpose(1, 2) for x in (t(2, 5, 4, 16, dtype=torch.bfloat16), t(2, 5, 2, 16, dtype=torch.bfloat16),
-                                       t(2, 5, 2, 16, dtype=torch.bfloat16))),
-         t(2, 3, 16, dtype=torch.bfloat16), t(2, 3, 16, dtype=torch.bfloat16), None, False, 0.25),
+        (
+            *(
+                x.transpose(1, 2)
+                for x in (
+                    t(2, 5, 4, 16, dtype=torch.bfloat16),
+                    t(2, 5, 2, 16, dtype=torch.bfloat16),
+                    t(2, 5, 2, 16, dtype=torch.bfloat16),
+                )
+            ),
+            t(2, 3, 16, dtype=torch.bfloat16),
+            t(2, 3, 16, dtype=torch.bfloat16),
+            None,
+            False,
+            0.25,
+        ),
     ]
 
 
@@ -85,7 +176,9 @@ def _prefix_attention_backward_samples(device: str) -> list[tuple]:
         out, lse = torch.ops.peftkern.prefix_attention(q, k, v, prefix_k, prefix_v, mask, causal, scale)
         inputs = [t.detach() for t in (q, k, v, prefix_k, prefix_v)]
         for output_mask in ([True] * 5, [False, False, False, True, True]):
-            samples.append((torch.randn_like(out), *inputs, mask, out.detach(), lse, causal, scale, output_mask))
+            samples.append(
+                (torch.randn_like(out), *inputs, mask, out.detach(), lse, causal, scale, output_mask)
+            )
     return samples
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
-import peftkern
 from peftkern import reference
 from peftkern.nn import HOULSBY, PFEIFFER, AdapterConfig, BottleneckAdapter, count_trainable, format_trainable
-from conftest import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -42,7 +41,9 @@ def test_bottleneck_from_reduction_factor_and_shapes():
 @pytest.mark.parametrize("learned_scaling", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_reference(learned_scaling, bias):
-    adapter = BottleneckAdapter(32, bottleneck=6, activation="silu", scaling=0.5, learned_scaling=learned_scaling, bias=bias).double()
+    adapter = BottleneckAdapter(
+        32, bottleneck=6, activation="silu", scaling=0.5, learned_scaling=learned_scaling, bias=bias
+    ).double()
     nn.init.normal_(adapter.w_up)
     if learned_scaling:
         nn.init.normal_(adapter.scaling)
@@ -68,7 +69,10 @@ def test_dropout_applies_to_the_branch_only():
     train_out = adapter(h)
     adapter.eval()
     assert not torch.equal(train_out, adapter(h))
-    torch.testing.assert_close(adapter(h), reference.bottleneck_adapter(h, adapter.w_down, adapter.b_down, adapter.w_up, adapter.b_up))
+    torch.testing.assert_close(
+        adapter(h),
+        reference.bottleneck_adapter(h, adapter.w_down, adapter.b_down, adapter.w_up, adapter.b_up),
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,7 +96,9 @@ def test_published_layouts():
     assert PFEIFFER.positions == ("ffn_output",) and PFEIFFER.activation == "relu"
 
 
-@pytest.mark.parametrize("config,expected,published", [(PFEIFFER, 894_528, 0.9e6), (HOULSBY, 1_789_056, 1.8e6)])
+@pytest.mark.parametrize(
+    "config,expected,published", [(PFEIFFER, 894_528, 0.9e6), (HOULSBY, 1_789_056, 1.8e6)]
+)
 def test_bert_base_parameter_counts_match_the_published_figures(config, expected, published):
     # BERT-base: 12 layers, hidden 768, reduction 16 -> bottleneck 48. Per adapter:
     # 2·768·48 weights + 48 + 768 biases = 74,544.
@@ -101,7 +107,9 @@ def test_bert_base_parameter_counts_match_the_published_figures(config, expected
     trainable, total = count_trainable(adapters)
     assert trainable == total == expected
     assert abs(trainable - published) / published < 0.01
-    assert format_trainable(adapters).startswith(f"trainable params: {expected:,} || all params: {expected:,}")
+    assert format_trainable(adapters).startswith(
+        f"trainable params: {expected:,} || all params: {expected:,}"
+    )
 
 
 def test_count_trainable_separates_frozen_and_shared_parameters():

@@ -30,7 +30,13 @@ def test_build_info_describes_this_build():
 def test_import_refuses_a_binary_built_for_another_torch(monkeypatch):
     meta = importlib.import_module("peftkern._build_meta")
     monkeypatch.setattr(meta, "TORCH_VERSION", "1.99.0")
-    with pytest.raises(ImportError, match=r"built against torch 1\.99\.0, but torch .* is installed; install a peftkern build made for the installed torch"):
+    with pytest.raises(
+        ImportError,
+        match=(
+            r"built against torch 1\.99\.0, but torch .* is installed; "
+            r"install a peftkern build made for the installed torch"
+        ),
+    ):
         _loader.load_extension()
 
 

@@ -14,8 +14,26 @@ from peftkern.cli import main
 
 def test_bench_quick_prints_the_table_and_writes_csv_json_png(tmp_path, capsys):
     files = {ext: tmp_path / f"bench.{ext}" for ext in ("csv", "json", "png")}
-    assert main(["bench", "--quick", "--rounds", "2", "--no-compile", "--ops", "lora_linear",
-                 "--csv", str(files["csv"]), "--json", str(files["json"]), "--plot", str(files["png"])]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--rounds",
+                "2",
+                "--no-compile",
+                "--ops",
+                "lora_linear",
+                "--csv",
+                str(files["csv"]),
+                "--json",
+                str(files["json"]),
+                "--plot",
+                str(files["png"]),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "x floor" in out and "saved MiB" in out and "machine:" in out
 
@@ -44,7 +62,10 @@ def test_suites_missing_from_this_build_are_skipped_not_run(capsys, monkeypatch)
 
 @pytest.mark.parametrize(
     "argv, expected",
-    [(["--ops", "lora_linear,flash"], "unknown benchmark 'flash'"), (["--rounds", "0"], "--rounds must be at least 1")],
+    [
+        (["--ops", "lora_linear,flash"], "unknown benchmark 'flash'"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ],
 )
 def test_bad_bench_arguments_give_one_line(capsys, argv, expected):
     assert main(["bench", *argv]) == 2

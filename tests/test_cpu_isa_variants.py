@@ -21,7 +21,9 @@ OP_TESTS = ("test_lora_linear.py", "test_bottleneck_adapter.py", "test_prefix_at
 
 def run_python(args: list[str], isa: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PEFTKERN_CPU_ISA": isa}
-    return subprocess.run([sys.executable, *args], env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=TESTS.parent, capture_output=True, text=True, timeout=600
+    )
 
 
 def expected_isa(requested: str) -> str:
@@ -47,5 +49,7 @@ def test_an_unknown_variant_is_refused_in_words():
 def test_op_tests_pass_under_a_lesser_variant(isa):
     if expected_isa(isa) != isa:
         pytest.skip(f"this CPU has no {isa} variant to select")
-    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(TESTS / t) for t in OP_TESTS)], isa)
+    result = run_python(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(TESTS / t) for t in OP_TESTS)], isa
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from lora_models import LinearHost, tiny_bert, tiny_llama, tokens
 from torch import nn
 from torch.nn import functional as F
 
 import peftkern
-from lora_models import LinearHost, tiny_bert, tiny_llama, tokens
 from peftkern.nn import AdapterConfig
 
 HIDDEN, LAYERS, BOTTLENECK = 32, 2, 2  # tiny models: hidden 32, reduction factor 16
@@ -55,7 +55,8 @@ def test_base_state_dict_keys_are_kept_and_adapters_added():
     added = set(model.state_dict()) - before
     assert before <= set(model.state_dict())
     assert {k.rsplit(".adapter.", 1)[0] for k in added} == {
-        f"encoder.layer.{i}.{block}" for i in range(LAYERS) for block in ("attention.output", "output")}
+        f"encoder.layer.{i}.{block}" for i in range(LAYERS) for block in ("attention.output", "output")
+    }
 
 
 def _block_by_hand(block: nn.Module, h: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -88,7 +89,9 @@ def test_llama_adapter_follows_o_proj_and_down_proj():
     _randomise_adapters(model)
     mlp = model.model.layers[0].mlp
     h = torch.randn(2, 5, HIDDEN)
-    y = F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight)
+    y = F.linear(
+        F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight
+    )
     a = mlp.adapter
     torch.testing.assert_close(mlp(h), y + F.linear(F.silu(F.linear(y, a.w_down, a.b_down)), a.w_up, a.b_up))
     assert hasattr(model.model.layers[0].self_attn, "adapter")
@@ -151,7 +154,9 @@ def test_custom_config_and_adapter_arguments():
 def test_errors_name_what_was_expected():
     with pytest.raises(ValueError, match="neither a BERT-style encoder .* nor a Llama-style decoder"):
         peftkern.inject_adapters(LinearHost())
-    with pytest.raises(ValueError, match="config must be 'houlsby', 'pfeiffer' or an AdapterConfig, got 'lora'"):
+    with pytest.raises(
+        ValueError, match="config must be 'houlsby', 'pfeiffer' or an AdapterConfig, got 'lora'"
+    ):
         peftkern.inject_adapters(tiny_bert(), "lora")
     model = tiny_bert()
     before = copy.deepcopy(model.state_dict())

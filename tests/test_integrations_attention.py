@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from lora_models import peft_lora, tiny_bert, tiny_llama, tokens
 
 import peftkern
 from peftkern.integrations import attention
-from lora_models import peft_lora, tiny_bert, tiny_llama, tokens
 
 
 def _output(model, x, mask=None, **kwargs):

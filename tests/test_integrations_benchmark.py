@@ -11,7 +11,13 @@ TINY = training_step.StepCase(32, 2, 4, 64, 97, 16, 2, 4, 0.1, torch.float32, "c
 
 def test_training_step_benchmark_runs_and_patched_saves_less():
     results = {r.provider: r for r in training_step.run(TINY, rounds=1, warmup=0)}
-    assert set(results) == {"peft", "peftkern-patched", "peftkern-injected", "peftkern-patched+attention", "frozen-base"}
+    assert set(results) == {
+        "peft",
+        "peftkern-patched",
+        "peftkern-injected",
+        "peftkern-patched+attention",
+        "frozen-base",
+    }
     assert results["peft"].ratio_to_floor == 1.0
     # Without adapters nothing of theirs is kept: the floor saves less than any method.
     assert results["frozen-base"].saved_bytes < results["peftkern-patched"].saved_bytes

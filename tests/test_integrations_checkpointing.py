@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from lora_models import assert_same_lora_grads, injected_like, peft_lora, tiny_llama, tokens
 
 import peftkern
-from lora_models import assert_same_lora_grads, injected_like, peft_lora, tiny_llama, tokens
 
 QV = ("q_proj", "v_proj")
 
@@ -33,7 +33,9 @@ def test_checkpointed_injected_model_has_the_same_grads(dropout, monkeypatch):
     calls = []
     fused = peftkern.nn.lora.lora_linear
     monkeypatch.setattr(peftkern.nn.lora, "lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    torch.testing.assert_close(train_step_grads(checkpointed, x), train_step_grads(plain, x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        train_step_grads(checkpointed, x), train_step_grads(plain, x), rtol=1e-6, atol=1e-6
+    )
     assert len(calls) == 3 * 4  # 4 LoRA layers: twice with checkpointing (recomputed), once without
     assert_same_lora_grads(checkpointed, plain, rtol=1e-5, atol=1e-6)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_models import peft_lora, tiny_llama, tiny_llama_with, tokens
 
 import peftkern
-from lora_models import peft_lora, tiny_llama, tiny_llama_with, tokens
 
 QV = ("q_proj", "v_proj")
 # Tracing costs seconds per model, so each method variant is traced once or twice: explain()

@@ -6,15 +6,15 @@ peftkern must not break data parallelism."""
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lora_models import common_key, lora_factors, tiny_llama, tiny_llama_with, tokens
 
 import peftkern
-from lora_models import common_key, lora_factors, tiny_llama, tiny_llama_with, tokens
 
 WORLD = 2
 STEPS = 3
@@ -47,7 +47,7 @@ def train(model: torch.nn.Module, rank: int = 0, world: int = 1) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
-        batch = tokens(batch=GLOBAL_BATCH, seq=12, seed=100 + step)[rank * per_rank:(rank + 1) * per_rank]
+        batch = tokens(batch=GLOBAL_BATCH, seq=12, seed=100 + step)[rank * per_rank : (rank + 1) * per_rank]
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -58,7 +58,8 @@ def trainable_weights(model: torch.nn.Module) -> Weights:
     keyed alike for a peft and an injected model."""
     return {
         common_key(name): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        for name, p in model.named_parameters() if p.requires_grad
+        for name, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
@@ -102,7 +103,9 @@ def worker(rank: int, port: int, out: str) -> None:
         for mode, method in CASES:
             if mode == "fsdp2" and not fsdp2_available():
                 continue
-            build = build_patched_peft_model if mode == "ddp-patched-peft" else lambda: tiny_llama_with(method)
+            build = (
+                build_patched_peft_model if mode == "ddp-patched-peft" else lambda: tiny_llama_with(method)
+            )
             results[mode, method] = trainers[mode](rank, build)
         if rank == 0:
             torch.save(results, out)
@@ -147,5 +150,7 @@ def test_two_processes_match_one(mode, method, two_process_weights, single_proce
     initial = trainable_weights(tiny_llama_with(method))
     assert weights.keys() == expected.keys() == initial.keys() and weights
     for key, value in expected.items():
-        assert not torch.allclose(value, initial[key], rtol=0, atol=1e-3), key  # the steps did move the weights
+        assert not torch.allclose(value, initial[key], rtol=0, atol=1e-3), (
+            key
+        )  # the steps did move the weights
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")

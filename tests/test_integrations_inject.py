@@ -6,11 +6,18 @@ import copy
 
 import pytest
 import torch
+from lora_models import (
+    LinearHost,
+    assert_same_dropout_distribution,
+    assert_same_lora_grads,
+    injected_like,
+    peft_lora,
+    tiny_bert,
+    tiny_llama,
+    tokens,
+)
 
 import peftkern
-from lora_models import (
-    LinearHost, assert_same_dropout_distribution, assert_same_lora_grads, injected_like, peft_lora, tiny_bert, tiny_llama, tokens,
-)
 
 
 def test_llama_q_v_replaced_frozen_and_summarised():
@@ -18,7 +25,9 @@ def test_llama_q_v_replaced_frozen_and_summarised():
     x = tokens()
     expected = model(x).logits
     summary = peftkern.inject_lora(model, r=4, lora_alpha=8)
-    assert summary.replaced == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert summary.replaced == [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")
+    ]
     layers = [model.get_submodule(n) for n in summary.replaced]
     assert all(isinstance(m, peftkern.LoRALinear) and m.scaling == 2.0 for m in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -31,7 +40,9 @@ def test_llama_q_v_replaced_frozen_and_summarised():
 
 def test_regex_and_suffix_targets_select_the_same_modules():
     by_suffix = peftkern.inject_lora(tiny_llama(), target_modules=["q_proj", "v_proj"]).replaced
-    by_regex = peftkern.inject_lora(tiny_llama(), target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj").replaced
+    by_regex = peftkern.inject_lora(
+        tiny_llama(), target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj"
+    ).replaced
     assert by_regex == by_suffix
     only_first = peftkern.inject_lora(tiny_llama(), target_modules=r".*layers\.0\..*(q|v)_proj").replaced
     assert only_first == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
@@ -47,12 +58,15 @@ def test_target_matching_nothing_lists_linear_names(target):
     assert model.state_dict().keys() == before.keys()
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"target_modules": ["self_attn"]}, "matches 'model.layers.0.self_attn', a LlamaAttention"),
-    ({"target_modules": "(["}, "not a valid regular expression"),
-    ({"target_modules": []}, "non-empty list"),
-    ({"r": 0}, "r \\(the LoRA rank\\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"target_modules": ["self_attn"]}, "matches 'model.layers.0.self_attn', a LlamaAttention"),
+        ({"target_modules": "(["}, "not a valid regular expression"),
+        ({"target_modules": []}, "non-empty list"),
+        ({"r": 0}, "r \\(the LoRA rank\\)"),
+    ],
+)
 def test_bad_arguments_are_refused_and_model_unchanged(kwargs, message):
     model = tiny_llama()
     with pytest.raises(ValueError, match=message):
@@ -60,7 +74,9 @@ def test_bad_arguments_are_refused_and_model_unchanged(kwargs, message):
     assert not any(isinstance(m, peftkern.LoRALinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("make_base,targets", [(tiny_llama, ("q_proj", "v_proj")), (tiny_bert, ("query", "value"))])
+@pytest.mark.parametrize(
+    "make_base,targets", [(tiny_llama, ("q_proj", "v_proj")), (tiny_bert, ("query", "value"))]
+)
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_outputs_losses_and_grads_equal_peft(make_base, targets, use_rslora):
     base = make_base()

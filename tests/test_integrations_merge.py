@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_models import injected_like, peft_lora, tiny_llama, tokens
 from torch import nn
 
 import peftkern
-from lora_models import injected_like, peft_lora, tiny_llama, tokens
 
 QV = ("q_proj", "v_proj")
 

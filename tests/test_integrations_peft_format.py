@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from lora_models import injected_like, lora_factors, peft_lora, tiny_bert, tiny_llama, tokens
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 import peftkern
 from peftkern.integrations import peft_format
-from lora_models import injected_like, lora_factors, peft_lora, tiny_bert, tiny_llama, tokens
 
 QV = ("q_proj", "v_proj")
 
@@ -20,7 +20,9 @@ QV = ("q_proj", "v_proj")
 def trained_injected(use_rslora: bool = False):
     """(base model, injected copy with trained-like LoRA weights, r=4, alpha=8)."""
     base = tiny_llama()
-    model = injected_like(base, peft_lora(base, QV, use_rslora=use_rslora), QV, r=4, lora_alpha=8, use_rslora=use_rslora)
+    model = injected_like(
+        base, peft_lora(base, QV, use_rslora=use_rslora), QV, r=4, lora_alpha=8, use_rslora=use_rslora
+    )
     return base, model.eval()
 
 
@@ -41,9 +43,17 @@ def test_peftkern_save_loads_in_peft(tmp_path, use_rslora):
     # the same keys peft itself writes for this configuration
     reference = peft_lora(base, QV, use_rslora=use_rslora)
     reference.save_pretrained(tmp_path / "peft")
-    assert load_file(tmp_path / "adapter_model.safetensors").keys() == load_file(tmp_path / "peft/adapter_model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "peft/adapter_model.safetensors").keys()
+    )
     config = LoraConfig.from_pretrained(tmp_path)
-    assert (config.r, config.lora_alpha, config.use_rslora, sorted(config.target_modules)) == (4, 8, use_rslora, list(QV))
+    assert (config.r, config.lora_alpha, config.use_rslora, sorted(config.target_modules)) == (
+        4,
+        8,
+        use_rslora,
+        list(QV),
+    )
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     x = tokens()
     torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-6, atol=1e-6)
@@ -82,9 +92,13 @@ def test_partial_targets_are_written_as_full_paths(tmp_path):
     model = copy.deepcopy(base)
     peftkern.inject_lora(model, r".*layers\.1\.self_attn\.q_proj", r=4, lora_alpha=8)
     peftkern.save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == [
+        "model.layers.1.self_attn.q_proj"
+    ]
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    assert [n for n, _ in loaded.named_parameters() if "lora_A" in n] == ["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+    assert [n for n, _ in loaded.named_parameters() if "lora_A" in n] == [
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"
+    ]
 
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -130,6 +144,7 @@ def _edit_config(**changes):
         config = json.loads((path / "adapter_config.json").read_text())
         config.update(changes)
         (path / "adapter_config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -139,16 +154,19 @@ def _missing_factor(path):
     save_file(tensors, path / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("damage,message", [
-    (_corrupt_weights, "not a readable safetensors file"),
-    (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
-    (lambda p: (p / "adapter_model.safetensors").unlink(), "does not exist"),
-    (_wrong_rank, r"v_proj.lora_B is \(16, 3\).*expected \(16, 4\)"),
-    (_unknown_module, "model.layers.7.self_attn.q_proj.*lacks"),
-    (_missing_factor, "lacks lora_A or lora_B"),
-    (_edit_config(use_dora=True), "use_dora"),
-    (_edit_config(peft_type="PREFIX_TUNING"), "only 'LORA'"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (_corrupt_weights, "not a readable safetensors file"),
+        (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+        (lambda p: (p / "adapter_model.safetensors").unlink(), "does not exist"),
+        (_wrong_rank, r"v_proj.lora_B is \(16, 3\).*expected \(16, 4\)"),
+        (_unknown_module, "model.layers.7.self_attn.q_proj.*lacks"),
+        (_missing_factor, "lacks lora_A or lora_B"),
+        (_edit_config(use_dora=True), "use_dora"),
+        (_edit_config(peft_type="PREFIX_TUNING"), "only 'LORA'"),
+    ],
+)
 @pytest.mark.parametrize("injected", [True, False])
 def test_bad_files_are_refused_and_model_unchanged(tmp_path, damage, message, injected):
     base, model = trained_injected()

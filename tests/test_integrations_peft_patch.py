@@ -6,14 +6,20 @@ import copy
 
 import pytest
 import torch
+from lora_models import (
+    LinearHost,
+    assert_same_dropout_distribution,
+    assert_same_lora_grads,
+    lora_factors,
+    peft_lora,
+    tiny_llama,
+    tokens,
+)
 from peft import LoraConfig
 from torch import nn
 
 import peftkern
 from peftkern.integrations import peft_patch
-from lora_models import (
-    LinearHost, assert_same_dropout_distribution, assert_same_lora_grads, lora_factors, peft_lora, tiny_llama, tokens,
-)
 
 QV = ("q_proj", "v_proj")
 
@@ -53,7 +59,10 @@ def test_patched_equals_peft_and_keeps_names_and_files(tmp_path, fused_calls):
     ref.save_pretrained(tmp_path / "ref")
     from safetensors.torch import load_file
 
-    saved, expected = load_file(tmp_path / "patched/adapter_model.safetensors"), load_file(tmp_path / "ref/adapter_model.safetensors")
+    saved, expected = (
+        load_file(tmp_path / "patched/adapter_model.safetensors"),
+        load_file(tmp_path / "ref/adapter_model.safetensors"),
+    )
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
     assert peftkern.patch_peft(model).num_patched == 4  # idempotent
@@ -94,10 +103,13 @@ def test_mixed_adapter_batch_falls_back_with_a_warning(fused_calls):
     assert not fused_calls
 
 
-@pytest.mark.parametrize("kwargs,reason", [
-    ({"use_dora": True}, "DoraLinearVariant"),
-    ({"lora_bias": True}, "lora_bias=True"),
-])
+@pytest.mark.parametrize(
+    "kwargs,reason",
+    [
+        ({"use_dora": True}, "DoraLinearVariant"),
+        ({"lora_bias": True}, "lora_bias=True"),
+    ],
+)
 def test_uncovered_layers_are_skipped_with_reason(kwargs, reason, fused_calls):
     ref = peft_lora(tiny_llama(), QV, **kwargs)
     model = copy.deepcopy(ref)
@@ -153,7 +165,9 @@ def test_bfloat16_model_with_float32_adapters_is_patched(fused_calls):
     """peft keeps adapters of a bf16 model in fp32 by default; the fused op takes that mix."""
     base = tiny_llama().to(torch.bfloat16)
     ref = peft_lora(base, QV)
-    assert ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert (
+        ref.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    )
     model = copy.deepcopy(ref)
     peftkern.patch_peft(model)
     x = tokens()

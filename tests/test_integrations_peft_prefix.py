@@ -8,22 +8,33 @@ import warnings
 
 import pytest
 import torch
+from lora_models import VOCAB, tiny_llama, tokens
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 import peftkern
 from peftkern.integrations import peft_patch_prefix
-from lora_models import VOCAB, tiny_llama, tokens
 
 M = 5  # virtual tokens
 LAYERS = 2
 DECODER = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
 )
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
@@ -31,7 +42,8 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)
 def tiny(family: str, **overrides):
     torch.manual_seed(0)
     config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     }[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
@@ -118,7 +130,8 @@ def test_patched_equals_peft_logits_loss_and_prefix_grads(projection, prefix_cal
     with torch.no_grad():
         torch.testing.assert_close(
             model(inputs_embeds=embeds, position_ids=positions).logits,
-            ref(inputs_embeds=embeds, position_ids=positions).logits, **TIGHT,
+            ref(inputs_embeds=embeds, position_ids=positions).logits,
+            **TIGHT,
         )
 
 
@@ -155,9 +168,13 @@ def test_save_pretrained_of_patched_model_loads_into_plain_peft(tmp_path, projec
     expected = load_file(tmp_path / "ref/adapter_model.safetensors")
     assert saved.keys() == expected.keys() == {"prompt_embeddings"}
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
-    assert (tmp_path / "patched/adapter_config.json").read_text() == (tmp_path / "ref/adapter_config.json").read_text()
+    assert (tmp_path / "patched/adapter_config.json").read_text() == (
+        tmp_path / "ref/adapter_config.json"
+    ).read_text()
 
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "patched")  # plain peft, inference mode
+    loaded = PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path / "patched"
+    )  # plain peft, inference mode
     assert "forward" not in loaded.__dict__
     x = tokens(batch=3, seq=9)
     mask = padding_mask(x)
@@ -186,7 +203,10 @@ def test_unpatch_restores_peft_exactly(prefix_calls):
     x = tokens(batch=3, seq=9)
     prefix_calls.clear()
     with torch.no_grad():
-        out, expected = model(input_ids=x, attention_mask=padding_mask(x)), ref(input_ids=x, attention_mask=padding_mask(x))
+        out, expected = (
+            model(input_ids=x, attention_mask=padding_mask(x)),
+            ref(input_ids=x, attention_mask=padding_mask(x)),
+        )
     assert not prefix_calls
     assert torch.equal(out.logits, expected.logits)
     assert out.cache.get_seq_length() == M + 9  # peft's cache again
@@ -209,8 +229,13 @@ def test_calls_it_does_not_cover_run_peft(prefix_calls):
             assert torch.equal(out.logits, expected.logits)
 
         prefix_calls.clear()
-        generated = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
-        assert torch.equal(generated, ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False))
+        generated = model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False
+        )
+        assert torch.equal(
+            generated,
+            ref.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False),
+        )
         assert not prefix_calls
 
         with model.disable_adapter():
@@ -244,12 +269,28 @@ def _two_adapters():
 
 
 SKIPPED = {
-    "gpt2": (lambda: peft_prefix(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()), "model type 'gpt2'"),
-    "eager": (lambda: peft_prefix(tiny("llama", attn_implementation="eager")), "attention implementation 'eager'"),
+    "gpt2": (
+        lambda: peft_prefix(
+            GPT2LMHeadModel(
+                GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+            ).eval()
+        ),
+        "model type 'gpt2'",
+    ),
+    "eager": (
+        lambda: peft_prefix(tiny("llama", attn_implementation="eager")),
+        "attention implementation 'eager'",
+    ),
     "sliding-window": (lambda: peft_prefix(tiny("mistral", sliding_window=4096)), "sliding-window attention"),
     "two-adapters": (_two_adapters, "2 adapters"),
-    "prompt-tuning": (lambda: get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M)), "peft type PROMPT_TUNING"),
-    "seq-cls": (lambda: get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=M)), "PeftModelForSequenceClassification"),
+    "prompt-tuning": (
+        lambda: get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M)),
+        "peft type PROMPT_TUNING",
+    ),
+    "seq-cls": (
+        lambda: get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=M)),
+        "PeftModelForSequenceClassification",
+    ),
 }
 
 

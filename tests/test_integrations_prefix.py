@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from lora_models import LinearHost, tiny_bert, tiny_llama, tokens
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import peftkern
-from lora_models import LinearHost, tiny_bert, tiny_llama, tokens
 
 M = 3  # prefix rows
 LAYERS, HEAD_DIM = 2, 8
@@ -93,7 +93,9 @@ def test_padding_does_not_change_the_real_tokens(build):
     short = tokens(batch=2, seq=8)
     padded = torch.cat([short, tokens(batch=2, seq=5, seed=9)], dim=1)  # arbitrary ids in the padding
     mask = torch.cat([torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)], dim=1)
-    torch.testing.assert_close(_output(model, padded, mask)[:, :8], _output(model, short), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _output(model, padded, mask)[:, :8], _output(model, short), atol=2e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
@@ -181,7 +183,9 @@ def test_errors_say_what_is_wrong():
     model = tiny_bert()
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         peftkern.inject_prefix(model, num_virtual_tokens=-1)
-    assert model.config._attn_implementation != "peftkern_prefix" and all(p.requires_grad for p in model.parameters())
+    assert model.config._attn_implementation != "peftkern_prefix" and all(
+        p.requires_grad for p in model.parameters()
+    )
     peftkern.inject_prefix(model, num_virtual_tokens=M)
     with pytest.raises(ValueError, match="already has a prefix"):
         peftkern.inject_prefix(model)
@@ -202,4 +206,6 @@ def test_pretrained_minilm_takes_a_prefix():
     summary = peftkern.inject_prefix(model, num_virtual_tokens=0)
     assert len(summary.replaced) == 6
     with torch.no_grad():
-        torch.testing.assert_close(model(x, attention_mask=mask).last_hidden_state, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model(x, attention_mask=mask).last_hidden_state, expected, atol=1e-5, rtol=1e-4
+        )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from lora_models import VOCAB, lora_factors, peft_lora, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import peftkern
-from lora_models import VOCAB, lora_factors, peft_lora, tiny_llama
 
 QV = ("q_proj", "v_proj")
 
@@ -17,7 +17,10 @@ def dataset(n: int = 8, seq: int = 16) -> list[dict[str, torch.Tensor]]:
     # A repeated pattern the adapters can learn quickly, so the loss visibly falls.
     g = torch.Generator().manual_seed(3)
     rows = [torch.arange(seq) * (i + 1) % VOCAB for i in range(n)]
-    rows = [torch.where(torch.rand(seq, generator=g) < 0.1, torch.randint(0, VOCAB, (seq,), generator=g), r) for r in rows]
+    rows = [
+        torch.where(torch.rand(seq, generator=g) < 0.1, torch.randint(0, VOCAB, (seq,), generator=g), r)
+        for r in rows
+    ]
     return [{"input_ids": r, "labels": r} for r in rows]
 
 
@@ -29,8 +32,16 @@ def test_patched_trainer_run_matches_peft_step_by_step(tmp_path):
     losses = {}
     for name, model in (("peft", ref), ("patched", patched)):
         args = TrainingArguments(
-            output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=4, learning_rate=2e-2,
-            logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+            output_dir=str(tmp_path / name),
+            max_steps=6,
+            per_device_train_batch_size=4,
+            learning_rate=2e-2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset())
         trainer.train()
@@ -38,7 +49,9 @@ def test_patched_trainer_run_matches_peft_step_by_step(tmp_path):
     assert len(losses["peft"]) == 6
     assert losses["patched"][-1] < losses["patched"][0]
     # Trainer logs losses rounded to 4 digits; the trained weights compare to fp32 precision.
-    torch.testing.assert_close(torch.tensor(losses["patched"]), torch.tensor(losses["peft"]), rtol=0, atol=2e-4)
+    torch.testing.assert_close(
+        torch.tensor(losses["patched"]), torch.tensor(losses["peft"]), rtol=0, atol=2e-4
+    )
     trained, expected = lora_factors(patched), lora_factors(ref)
     assert not any(torch.equal(expected[k], initial[k]) for k in expected)  # training moved every factor
     for key in expected:

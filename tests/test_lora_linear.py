@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, assert_close_low_precision, cuda_test
 from torch.utils.checkpoint import checkpoint
 
 import peftkern
@@ -11,10 +12,10 @@ from peftkern import reference
 from peftkern.functional import draw_seed
 from peftkern.ops import lora_linear_op
 
-from conftest import DEVICES, assert_close_low_precision, cuda_test
 
-
-def make_inputs(M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="cpu", bias=True, lead=(), seed=0):
+def make_inputs(
+    M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="cpu", bias=True, lead=(), seed=0
+):
     g = torch.Generator().manual_seed(seed)
     adapter_dtype = adapter_dtype or dtype
 
@@ -30,16 +31,41 @@ def make_inputs(M, K, N, r, *, dtype=torch.float64, adapter_dtype=None, device="
     }
 
 
-def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias", "lora_A", "lora_B"), grad=None):
+def run_both(
+    inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias", "lora_A", "lora_B"), grad=None
+):
     """Runs peftkern and the reference with the same dropout seed and the same upstream
     gradient (`grad`, or a random one); returns outputs and grads."""
-    leaves = {k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None) for k, v in inp.items()}
-    ref_leaves = {k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None) for k, v in inp.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None)
+        for k, v in inp.items()
+    }
+    ref_leaves = {
+        k: (v.detach().clone().requires_grad_(k in requires_grad) if v is not None else None)
+        for k, v in inp.items()
+    }
     torch.manual_seed(1234)
-    y = peftkern.lora_linear(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], bias=leaves["bias"], scaling=scaling, dropout=dropout)
+    y = peftkern.lora_linear(
+        leaves["x"],
+        leaves["weight"],
+        leaves["lora_A"],
+        leaves["lora_B"],
+        bias=leaves["bias"],
+        scaling=scaling,
+        dropout=dropout,
+    )
     torch.manual_seed(1234)
     seed = int(draw_seed(inp["x"].device)) if dropout > 0 else 0
-    y_ref = reference.lora_linear(ref_leaves["x"], ref_leaves["weight"], ref_leaves["lora_A"], ref_leaves["lora_B"], ref_leaves["bias"], scaling, dropout, seed)
+    y_ref = reference.lora_linear(
+        ref_leaves["x"],
+        ref_leaves["weight"],
+        ref_leaves["lora_A"],
+        ref_leaves["lora_B"],
+        ref_leaves["bias"],
+        scaling,
+        dropout,
+        seed,
+    )
     grad = torch.randn_like(y) if grad is None else grad.to(y.dtype)
     names = [k for k in requires_grad if leaves.get(k) is not None]
     grads = torch.autograd.grad(y, [leaves[k] for k in names], grad) if names else ()
@@ -51,9 +77,16 @@ def run_both(inp, scaling=0.5, dropout=0.0, requires_grad=("x", "weight", "bias"
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize(
     "M,K,N,r,lead",
-    [(1, 8, 8, 1, ()), (3, 13, 7, 2, ()), (17, 45, 29, 5, ()), (1023, 40, 24, 64, ()), (5, 33, 19, 4, (2, 3)), (0, 16, 8, 4, ()),
-     (9, 259, 20, 3, ()),  # K = 259: a long row of Philox groups and a 3-element tail
-     (4, 0, 6, 2, ())],  # K = 0: y is the bias
+    [
+        (1, 8, 8, 1, ()),
+        (3, 13, 7, 2, ()),
+        (17, 45, 29, 5, ()),
+        (1023, 40, 24, 64, ()),
+        (5, 33, 19, 4, (2, 3)),
+        (0, 16, 8, 4, ()),
+        (9, 259, 20, 3, ()),  # K = 259: a long row of Philox groups and a 3-element tail
+        (4, 0, 6, 2, ()),
+    ],  # K = 0: y is the bias
 )
 def test_matches_reference_float64(device, dropout, M, K, N, r, lead):
     inp = make_inputs(M, K, N, r, device=device, lead=lead)
@@ -117,7 +150,18 @@ def test_frozen_base_gets_no_weight_grad(device):
 def test_backward_op_computes_only_requested_grads():
     inp = make_inputs(9, 16, 12, 4)
     y, S = lora_linear_op(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], 1.0, 0.0, None)
-    grads = torch.ops.peftkern.lora_linear_backward(torch.ones_like(y), inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], S, 1.0, 0.0, None, [False, False, False, True, True])
+    grads = torch.ops.peftkern.lora_linear_backward(
+        torch.ones_like(y),
+        inp["x"],
+        inp["weight"],
+        inp["lora_A"],
+        inp["lora_B"],
+        S,
+        1.0,
+        0.0,
+        None,
+        [False, False, False, True, True],
+    )
     assert [g.numel() for g in grads[:3]] == [0, 0, 0]
     assert grads[3].shape == inp["lora_A"].shape and grads[4].shape == inp["lora_B"].shape
 
@@ -127,6 +171,7 @@ def test_gradcheck_float64(device):
     inp = make_inputs(6, 7, 5, 3, device=device, lead=(2,))
     args = [inp[k].requires_grad_() for k in ("x", "weight", "lora_A", "lora_B", "bias")]
     for p in (0.0, 0.4):
+
         def fn(x, weight, lora_A, lora_B, bias, p=p):
             torch.manual_seed(7)  # the same dropout mask for every evaluation
             return peftkern.lora_linear(x, weight, lora_A, lora_B, bias=bias, scaling=0.8, dropout=p)
@@ -142,7 +187,16 @@ def test_dropout_statistics(device, p):
     x = torch.ones(4096, K, device=device)
     eye = torch.eye(K, device=device)
     torch.manual_seed(0)
-    _, S = lora_linear_op(x, torch.zeros(3, K, device=device), None, eye, torch.zeros(3, K, device=device), 1.0, p, draw_seed(x.device))
+    _, S = lora_linear_op(
+        x,
+        torch.zeros(3, K, device=device),
+        None,
+        eye,
+        torch.zeros(3, K, device=device),
+        1.0,
+        p,
+        draw_seed(x.device),
+    )
     kept = S != 0
     n = kept.numel()
     dropped_share = 1 - kept.float().mean().item()
@@ -201,8 +255,12 @@ def test_dropout_reproducible_under_manual_seed(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_eval_mode_has_no_dropout(device):
     inp = make_inputs(9, 16, 12, 4, device=device)
-    y = peftkern.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], dropout=0.5, training=False)
-    torch.testing.assert_close(y, reference.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"]))
+    y = peftkern.lora_linear(
+        inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], dropout=0.5, training=False
+    )
+    torch.testing.assert_close(
+        y, reference.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"])
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,7 +293,9 @@ def test_saved_activations_are_x_S_and_seed(dropout, adapter_dtype):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peftkern.lora_linear(inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], bias=inp["bias"], dropout=dropout)
+        peftkern.lora_linear(
+            inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], bias=inp["bias"], dropout=dropout
+        )
     activations = [t for t in saved if id(t) not in params]
     x_bytes = inp["x"].numel() * inp["x"].element_size()
     s_bytes = 40 * 8 * inp["lora_A"].element_size()
@@ -252,17 +312,35 @@ def test_saved_activations_are_x_S_and_seed(dropout, adapter_dtype):
         ({"lora_B": torch.randn(11, 4)}, r"lora_B\.shape\[0\] must equal weight\.shape\[0\]"),
         ({"lora_B": torch.randn(12, 3)}, r"lora_B\.shape\[1\] must equal lora_A\.shape\[0\]"),
         ({"lora_A": torch.randn(0, 16), "lora_B": torch.randn(12, 0)}, r"rank r and must be > 0"),
-        ({"weight": torch.randn(12, 16, dtype=torch.float64)}, r"weight has dtype Double but x has dtype Float"),
-        ({"lora_A": torch.randn(4, 16, dtype=torch.float64), "lora_B": torch.randn(12, 4, dtype=torch.float64)}, r"lora_A/lora_B must have the dtype of x"),
+        (
+            {"weight": torch.randn(12, 16, dtype=torch.float64)},
+            r"weight has dtype Double but x has dtype Float",
+        ),
+        (
+            {
+                "lora_A": torch.randn(4, 16, dtype=torch.float64),
+                "lora_B": torch.randn(12, 4, dtype=torch.float64),
+            },
+            r"lora_A/lora_B must have the dtype of x",
+        ),
         ({"bias": torch.randn(11)}, r"bias\.shape\[0\] must equal weight\.shape\[0\]"),
         ({"x": torch.tensor(1.0)}, r"x must have shape \[\.\.\., in_features\]"),
         ({"weight": torch.randn(12, 16, 1)}, r"weight must be 2-D"),
         ({"x": torch.randn(4, 16).to(torch.int32)}, r"x must be float64, float32, float16 or bfloat16"),
-        ({"lora_B": torch.randn(12, 4, dtype=torch.float64)}, r"lora_B has dtype Double but lora_A has dtype Float"),
+        (
+            {"lora_B": torch.randn(12, 4, dtype=torch.float64)},
+            r"lora_B has dtype Double but lora_A has dtype Float",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(change, message):
-    args = {"x": torch.randn(4, 16), "weight": torch.randn(12, 16), "bias": torch.randn(12), "lora_A": torch.randn(4, 16), "lora_B": torch.randn(12, 4)}
+    args = {
+        "x": torch.randn(4, 16),
+        "weight": torch.randn(12, 16),
+        "bias": torch.randn(12),
+        "lora_A": torch.randn(4, 16),
+        "lora_B": torch.randn(12, 4),
+    }
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
         peftkern.lora_linear(args["x"], args["weight"], args["lora_A"], args["lora_B"], bias=args["bias"])
@@ -288,12 +366,19 @@ def test_missing_or_malformed_seed_is_refused():
 def test_mixed_devices_are_refused_at_trace_time():
     x = torch.randn(4, 16, device="meta")
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on meta"):
-        peftkern.lora_linear(x, torch.randn(12, 16), torch.randn(4, 16, device="meta"), torch.randn(12, 4, device="meta"))
+        peftkern.lora_linear(
+            x, torch.randn(12, 16), torch.randn(4, 16, device="meta"), torch.randn(12, 4, device="meta")
+        )
 
 
 @cuda_test
 def test_mixed_devices_are_refused():
-    x, w, a, b = torch.randn(4, 16, device="cuda"), torch.randn(12, 16), torch.randn(4, 16, device="cuda"), torch.randn(12, 4, device="cuda")
+    x, w, a, b = (
+        torch.randn(4, 16, device="cuda"),
+        torch.randn(12, 16),
+        torch.randn(4, 16, device="cuda"),
+        torch.randn(12, 4, device="cuda"),
+    )
     with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
         peftkern.lora_linear(x, w, a, b)
 
@@ -322,5 +407,7 @@ def test_autocast_computes_in_low_precision_with_float32_adapters(device):
     y.float().sum().backward()
     assert lora_A.grad.dtype == torch.float32 and lora_B.grad.dtype == torch.float32
     cast = {k: (v.to(dtype) if k in ("x", "weight", "bias") else v) for k, v in inp.items()}
-    expected = peftkern.lora_linear(cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], bias=cast["bias"], scaling=0.5)
+    expected = peftkern.lora_linear(
+        cast["x"], cast["weight"], cast["lora_A"], cast["lora_B"], bias=cast["bias"], scaling=0.5
+    )
     torch.testing.assert_close(y, expected, rtol=0, atol=0)

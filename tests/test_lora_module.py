@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 import peftkern
 from peftkern import reference
-from conftest import DEVICES
 
 
 def trained_like(layer: peftkern.LoRALinear) -> peftkern.LoRALinear:
@@ -73,7 +73,9 @@ def test_merge_unmerge_round_trip(dtype, tol):
 def test_merged_layer_runs_as_plain_linear(monkeypatch):
     layer = trained_like(peftkern.LoRALinear(8, 8, r=2))
     layer.merge()
-    monkeypatch.setattr("peftkern.nn.lora.lora_linear", lambda *a, **k: pytest.fail("LoRA op called on a merged layer"))
+    monkeypatch.setattr(
+        "peftkern.nn.lora.lora_linear", lambda *a, **k: pytest.fail("LoRA op called on a merged layer")
+    )
     layer(torch.randn(3, 8))
 
 
@@ -119,7 +121,11 @@ def test_extra_repr_and_deepcopy():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"r": 0}, "r \\(the LoRA rank\\) must be a positive int"), ({"lora_dropout": 1.0}, "lora_dropout must be in"), ({"init": "xavier"}, "init must be")],
+    [
+        ({"r": 0}, "r \\(the LoRA rank\\) must be a positive int"),
+        ({"lora_dropout": 1.0}, "lora_dropout must be in"),
+        ({"init": "xavier"}, "init must be"),
+    ],
 )
 def test_bad_configuration_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

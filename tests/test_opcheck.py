@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICES
 from op_samples import SAMPLES
 
 
 def registered_ops() -> list[str]:
-    return sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("peftkern::"))
+    return sorted(
+        name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("peftkern::")
+    )
 
 
 def test_every_registered_op_has_samples():

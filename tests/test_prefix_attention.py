@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, assert_close_low_precision, cuda_test
 
 import peftkern
 from peftkern import reference
 from peftkern.ops import prefix_attention_backward_op, prefix_attention_op
-
-from conftest import DEVICES, assert_close_low_precision, cuda_test
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
@@ -54,7 +53,9 @@ def both(inp, causal, mask, seed=2):
     q = inp["q"]
     grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(device=q.device, dtype=q.dtype)
     kw = {"causal": causal, "key_padding_mask": mask}
-    return run(peftkern.prefix_attention, inp, grad_out, **kw), run(reference.prefix_attention, inp, grad_out, **kw)
+    return run(peftkern.prefix_attention, inp, grad_out, **kw), run(
+        reference.prefix_attention, inp, grad_out, **kw
+    )
 
 
 def assert_all_close(actual, expected, **tol):
@@ -92,7 +93,9 @@ def test_matches_reference(device, shape, shared, causal, mask_kind, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(0, 4, 2, 7, 3, 16), (2, 4, 2, 0, 3, 16)], ids=["empty_batch", "empty_sequence"])
+@pytest.mark.parametrize(
+    "shape", [(0, 4, 2, 7, 3, 16), (2, 4, 2, 0, 3, 16)], ids=["empty_batch", "empty_sequence"]
+)
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("mask_kind", ["none", "random"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -188,7 +191,9 @@ def test_cuda_half_precision_without_mask_runs_flash_attention(shape):
     assert "aten::_scaled_dot_product_flash_attention" in ops
     assert "aten::_scaled_dot_product_flash_attention_backward" in ops
     plain, plain_grads = run(reference.prefix_attention, inp, grad_out, causal=True)
-    truth, truth_grads = run(reference.prefix_attention, {k: t.double() for k, t in inp.items()}, grad_out.double(), causal=True)
+    truth, truth_grads = run(
+        reference.prefix_attention, {k: t.double() for k, t in inp.items()}, grad_out.double(), causal=True
+    )
     assert_close_low_precision(out, plain, truth, "out")
     for name in NAMES:
         assert_close_low_precision(grads[name], plain_grads[name], truth_grads[name], name)
@@ -237,7 +242,14 @@ def test_scale_argument():
 def test_non_contiguous_inputs(device):
     inp = make_inputs(2, 4, 2, 7, 5, 16, dtype=torch.float32, device=device)
     # [B, n, H, d] projections viewed as [B, H, n, d], as attention layers produce them.
-    strided = {k: (t.transpose(-2, -3).contiguous().transpose(-2, -3) if t.dim() == 4 else t.transpose(0, 1).contiguous().transpose(0, 1)) for k, t in inp.items()}
+    strided = {
+        k: (
+            t.transpose(-2, -3).contiguous().transpose(-2, -3)
+            if t.dim() == 4
+            else t.transpose(0, 1).contiguous().transpose(0, 1)
+        )
+        for k, t in inp.items()
+    }
     assert not strided["q"].is_contiguous()
     (out, grads), _ = both(strided, True, None)
     (ref_out, ref_grads), _ = both(inp, True, None)
@@ -283,7 +295,9 @@ def test_backward_op_computes_only_requested_grads():
     inp = make_inputs(2, 2, 1, 5, 3, 8)
     args = [inp[k] for k in NAMES]
     out, lse = prefix_attention_op(*args, None, True, 0.5)
-    grads = prefix_attention_backward_op(torch.ones_like(out), *args, None, out, lse, True, 0.5, [False, False, False, True, False])
+    grads = prefix_attention_backward_op(
+        torch.ones_like(out), *args, None, out, lse, True, 0.5, [False, False, False, True, False]
+    )
     assert [g.numel() == 0 for g in grads] == [True, True, True, False, True]
     full = prefix_attention_backward_op(torch.ones_like(out), *args, None, out, lse, True, 0.5, [True] * 5)
     torch.testing.assert_close(grads[3], full[3], rtol=0, atol=0)
@@ -301,7 +315,10 @@ def test_saves_only_inputs_output_and_lse():
 
 
 BAD_INPUTS = [
-    ({"k": (2, 3, 5, 8), "v": (2, 3, 5, 8), "prefix_k": (3, 2, 8), "prefix_v": (3, 2, 8)}, r"q\.shape\[1\].*multiple of k\.shape\[1\]"),
+    (
+        {"k": (2, 3, 5, 8), "v": (2, 3, 5, 8), "prefix_k": (3, 2, 8), "prefix_v": (3, 2, 8)},
+        r"q\.shape\[1\].*multiple of k\.shape\[1\]",
+    ),
     ({"k": (2, 2, 5, 16), "v": (2, 2, 5, 16)}, r"k\.shape\[3\] must equal q\.shape\[3\]"),
     ({"v": (2, 2, 6, 8)}, r"v must have the shape of k"),
     ({"prefix_k": (2, 3, 4)}, r"prefix_k\.shape\[2\] must equal q\.shape\[3\]"),
@@ -314,7 +331,13 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("changes,message", BAD_INPUTS)
 def test_bad_shapes_name_the_argument(changes, message):
-    shapes = {"q": (2, 4, 5, 8), "k": (2, 2, 5, 8), "v": (2, 2, 5, 8), "prefix_k": (2, 3, 8), "prefix_v": (2, 3, 8)}
+    shapes = {
+        "q": (2, 4, 5, 8),
+        "k": (2, 2, 5, 8),
+        "v": (2, 2, 5, 8),
+        "prefix_k": (2, 3, 8),
+        "prefix_v": (2, 3, 8),
+    }
     shapes.update(changes)
     args = [torch.randn(*shapes[k]) for k in NAMES]
     with pytest.raises(RuntimeError, match=message):
@@ -323,8 +346,10 @@ def test_bad_shapes_name_the_argument(changes, message):
 
 @pytest.mark.parametrize(
     "mask,message",
-    [(torch.ones(2, 4, dtype=torch.bool), r"key_padding_mask must have shape \[batch, seq\] = \[2, 5\]"),
-     (torch.ones(2, 5), r"key_padding_mask must be bool")],
+    [
+        (torch.ones(2, 4, dtype=torch.bool), r"key_padding_mask must have shape \[batch, seq\] = \[2, 5\]"),
+        (torch.ones(2, 5), r"key_padding_mask must be bool"),
+    ],
 )
 def test_bad_mask_names_the_argument(mask, message):
     inp = make_inputs(2, 4, 2, 5, 3, 8, dtype=torch.float32)

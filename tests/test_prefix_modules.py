@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch.utils.checkpoint import checkpoint
 
 import peftkern
 from peftkern import reference
 from peftkern.nn.prefix import rotate
-
-from conftest import DEVICES
 
 
 @pytest.mark.parametrize("projection_hidden", [None, 24])
@@ -40,7 +39,9 @@ def test_reparameterisation_runs_once_per_call():
 
 @pytest.mark.parametrize("projection_hidden", [None, 16])
 def test_zeros_init_gives_zero_prefix_that_trains(projection_hidden):
-    enc = peftkern.PrefixEncoder(2, 1, 4, num_virtual_tokens=3, projection_hidden=projection_hidden, init="zeros")
+    enc = peftkern.PrefixEncoder(
+        2, 1, 4, num_virtual_tokens=3, projection_hidden=projection_hidden, init="zeros"
+    )
     pk, pv = enc()[1]
     assert (pk == 0).all() and (pv == 0).all()
     (pk.sum() + pv.sum()).backward()
@@ -74,11 +75,13 @@ def test_attention_block_matches_reference(rotary, num_kv_heads, causal):
     torch.manual_seed(0)
     attn = peftkern.PrefixAttention(32, 4, num_kv_heads, bias=True, rotary=rotary).double()
     enc = peftkern.PrefixEncoder(1, attn.num_kv_heads, attn.head_dim, num_virtual_tokens=3).double()
-    (pk, pv), = enc()
+    ((pk, pv),) = enc()
     hidden = torch.randn(2, 7, 32, dtype=torch.float64)
     mask = torch.rand(2, 7) > 0.3
     out = attn(hidden, pk, pv, key_padding_mask=mask, causal=causal)
-    torch.testing.assert_close(out, expected_block(attn, hidden, pk, pv, mask, causal), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        out, expected_block(attn, hidden, pk, pv, mask, causal), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_rotary_leaves_prefix_unrotated_and_offsets_positions():
@@ -99,7 +102,7 @@ def test_works_under_gradient_checkpointing(device):
         for p in [*attn.parameters(), *enc.parameters()]:
             p.grad = None
         hidden.grad = None
-        (pk, pv), = enc()
+        ((pk, pv),) = enc()
         if use_checkpoint:
             out = checkpoint(attn, hidden, pk, pv, use_reentrant=False)
         else:

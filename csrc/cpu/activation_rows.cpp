@@ -16,8 +16,8 @@ namespace peftkern::cpu {
 
 namespace {
 
-void run(Dtype dtype, Activation activation, double scale, const void* Z, void* dA, void* a, int64_t rows,
-         int64_t r, int64_t a_width) {
+void run(Dtype dtype, Activation activation, double scale, const void* Z, void* dA, void* a,
+         int64_t rows, int64_t r, int64_t a_width) {
   PEFTKERN_ISA_DISPATCH(activation_rows_impl(dtype, activation, scale, Z, dA, a, rows, r, a_width));
 }
 

@@ -11,7 +11,9 @@ using act_compute_t = std::conditional_t<std::is_same_v<T, double>, double, floa
 // tanh(u) = 1 - 2 / (e^{2u} + 1): saturates to ±1 where fast_exp clamps, and its absolute
 // error near 0 (where the subtraction cancels) is a few float ulps of 1, which gelu_tanh then
 // multiplies by z/2.
-inline float tanh_via_exp(float u) { return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f); }
+inline float tanh_via_exp(float u) {
+  return 1.0f - 2.0f / (fast_exp(2.0f * u) + 1.0f);
+}
 
 template <Activation A, typename C>
 inline C row_activation_value(C z) {
@@ -61,7 +63,8 @@ void activation_rows_t(double scale, const T* Z, T* dA, T* a, int64_t rows, int6
         if constexpr (kWithA) out[j] = static_cast<T>(s * row_activation_value<A, C>(zj));
       }
     } else if constexpr (kWithA) {
-      for (int64_t j = 0; j < r; ++j) out[j] = static_cast<T>(s * row_activation_value<A, C>(static_cast<C>(z[j])));
+      for (int64_t j = 0; j < r; ++j)
+        out[j] = static_cast<T>(s * row_activation_value<A, C>(static_cast<C>(z[j])));
     }
     if constexpr (kWithA) {
       if (a_width > r) out[r] = static_cast<T>(s);
@@ -70,26 +73,30 @@ void activation_rows_t(double scale, const T* Z, T* dA, T* a, int64_t rows, int6
 }
 
 template <bool kWithA>
-void activation_rows_dispatch(Dtype dtype, Activation activation, double scale, const void* Z, void* dA,
-                              void* a, int64_t rows, int64_t r, int64_t a_width) {
+void activation_rows_dispatch(Dtype dtype, Activation activation, double scale, const void* Z,
+                              void* dA, void* a, int64_t rows, int64_t r, int64_t a_width) {
   with_activation(activation, [&](auto kind) {
     constexpr Activation A = decltype(kind)::value;
     auto run = [&](auto* typed_Z) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(typed_Z)>>;
-      activation_rows_t<A, T, kWithA>(scale, typed_Z, static_cast<T*>(dA), static_cast<T*>(a), rows, r,
-                                      a_width);
+      activation_rows_t<A, T, kWithA>(scale, typed_Z, static_cast<T*>(dA), static_cast<T*>(a), rows,
+                                      r, a_width);
     };
     switch (dtype) {
-      case Dtype::f32: return run(static_cast<const float*>(Z));
-      case Dtype::f64: return run(static_cast<const double*>(Z));
-      case Dtype::f16: return run(static_cast<const c10::Half*>(Z));
-      case Dtype::bf16: return run(static_cast<const c10::BFloat16*>(Z));
+      case Dtype::f32:
+        return run(static_cast<const float*>(Z));
+      case Dtype::f64:
+        return run(static_cast<const double*>(Z));
+      case Dtype::f16:
+        return run(static_cast<const c10::Half*>(Z));
+      case Dtype::bf16:
+        return run(static_cast<const c10::BFloat16*>(Z));
     }
   });
 }
 
-inline void activation_rows_impl(Dtype dtype, Activation activation, double scale, const void* Z, void* dA,
-                                 void* a, int64_t rows, int64_t r, int64_t a_width) {
+inline void activation_rows_impl(Dtype dtype, Activation activation, double scale, const void* Z,
+                                 void* dA, void* a, int64_t rows, int64_t r, int64_t a_width) {
   if (a != nullptr) {
     activation_rows_dispatch<true>(dtype, activation, scale, Z, dA, a, rows, r, a_width);
   } else {

@@ -45,9 +45,9 @@ bottleneck_adapter_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
                                 const at::Tensor& pre_activation, c10::string_view activation,
                                 double scaling, const c10::optional<at::Tensor>& scaling_vector,
                                 bool residual_is_h, std::array<bool, 6> output_mask) {
-  return bottleneck_adapter_backward(kCpuKernels, grad_out, h, w_down, w_up, b_up,
-                                     pre_activation, std::string(activation), scaling,
-                                     scaling_vector, residual_is_h, output_mask);
+  return bottleneck_adapter_backward(kCpuKernels, grad_out, h, w_down, w_up, b_up, pre_activation,
+                                     std::string(activation), scaling, scaling_vector,
+                                     residual_is_h, output_mask);
 }
 
 }  // namespace

@@ -14,10 +14,14 @@ struct DtypeTag {
 template <typename F>
 void visit_dtype(Dtype dtype, F&& f) {
   switch (dtype) {
-    case Dtype::f32: return f(DtypeTag<float>{});
-    case Dtype::f64: return f(DtypeTag<double>{});
-    case Dtype::f16: return f(DtypeTag<c10::Half>{});
-    case Dtype::bf16: return f(DtypeTag<c10::BFloat16>{});
+    case Dtype::f32:
+      return f(DtypeTag<float>{});
+    case Dtype::f64:
+      return f(DtypeTag<double>{});
+    case Dtype::f16:
+      return f(DtypeTag<c10::Half>{});
+    case Dtype::bf16:
+      return f(DtypeTag<c10::BFloat16>{});
   }
 }
 
@@ -41,8 +45,9 @@ inline void mulhilo16(__m512i x, __m512i m, __m512i& lo, __m512i& hi) {
 // 16·block + lane, lane = 0..15, with word l of a group deciding column 4·group + l.
 inline uint64_t keep_bits64(const DropoutParams& d, int64_t row, int64_t block) {
   const uint64_t r = static_cast<uint64_t>(row);
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(16 * block)),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c0 =
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(16 * block)),
+                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(r)));
   __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(r >> 32)));
   __m512i c3 = _mm512_setzero_si512();
@@ -53,7 +58,8 @@ inline uint64_t keep_bits64(const DropoutParams& d, int64_t row, int64_t block) 
     __m512i lo0, hi0, lo1, hi1;
     mulhilo16(c0, m0, lo0, hi0);
     mulhilo16(c2, m1, lo1, hi1);
-    c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // a^b^c
+    c0 =
+        _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // a^b^c
     c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
     c1 = lo1;
     c3 = lo0;
@@ -80,7 +86,8 @@ inline void block_multipliers(const DropoutParams& d, int64_t row, int64_t block
     const uint64_t bits = keep_bits64(d, row, block);
     const __m512 scale = _mm512_set1_ps(static_cast<float>(d.keep_scale));
     for (int j = 0; j < 4; ++j) {
-      _mm512_storeu_ps(mult + 16 * j, _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * j)), scale));
+      _mm512_storeu_ps(mult + 16 * j,
+                       _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * j)), scale));
     }
     return;
   }

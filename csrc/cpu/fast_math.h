@@ -42,7 +42,9 @@ inline F fast_exp_of(F x) {
   return p * scale;
 }
 
-inline float fast_exp(float x) { return fast_exp_of<float, int32_t>(x); }
+inline float fast_exp(float x) {
+  return fast_exp_of<float, int32_t>(x);
+}
 
 // erf(x) as x·P(x²)/Q(x²), a rational approximation on [-4, 4] (where erf reaches 1 - 2e-8,
 // i.e. 1 in float32), x clamped to that range. Its largest error against std::erf over

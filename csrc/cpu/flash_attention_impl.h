@@ -40,11 +40,17 @@ inline Lanes load(const float* p) {
   return v;
 }
 
-inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+inline void store(float* p, Lanes v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
-inline Lanes splat(float x) { return Lanes{} + x; }
+inline Lanes splat(float x) {
+  return Lanes{} + x;
+}
 
-inline int64_t padded(int64_t count) { return (count + kLanes - 1) / kLanes * kLanes; }
+inline int64_t padded(int64_t count) {
+  return (count + kLanes - 1) / kLanes * kLanes;
+}
 
 // Horizontal reductions as a tree of halvings: 4 dependent steps instead of 15.
 template <typename Op>
@@ -72,7 +78,9 @@ inline LaneInts columns_below(int64_t jb, int64_t count) {
   return lane + static_cast<int32_t>(jb) < static_cast<int32_t>(count);
 }
 
-inline Lanes exp_lanes(Lanes x) { return fast_exp_of<Lanes, LaneInts>(x); }
+inline Lanes exp_lanes(Lanes x) {
+  return fast_exp_of<Lanes, LaneInts>(x);
+}
 
 inline float dot(const float* a, const float* b, int64_t d) {
   Lanes lanes = {};
@@ -113,10 +121,14 @@ inline void gemm_tile(int64_t K, Operand A, const float* b, int64_t ldb, float* 
 template <typename F>
 inline void with_constant(int64_t x, F&& f) {
   switch (x) {
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    default: return f(std::integral_constant<int, 1>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      return f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -157,7 +169,9 @@ void gemm_rows(int64_t M, int64_t N, int64_t K, Operand A, const float* b, int64
 // The row stride of a transposed block [d, count]: padded(count) plus one vector, so that the
 // d rows do not sit a power of two apart (2 KB at count = 512), where they would all fall in
 // the same few L1 cache sets and evict each other while the transpose writes them.
-inline int64_t transposed_ld(int64_t count) { return padded(count) + kLanes; }
+inline int64_t transposed_ld(int64_t count) {
+  return padded(count) + kLanes;
+}
 
 // dst [d, ld_dst] ← the rows [0, count) of src (row j at src + j·ld) transposed, in columns
 // [0, count); the columns from count to padded(count) are zero. Done in 16 × 16 squares:
@@ -208,8 +222,8 @@ void for_each_key_block(const FlashAttention& a, int64_t b, int64_t kv_head, con
   if (a.m > 0) {
     const int64_t prefix_head = a.shared_prefix ? kv_head : b * a.heads_kv + kv_head;
     const int64_t offset = prefix_head * a.m * a.d;
-    body(KeyBlock{pkt, transposed_ld(a.m), pvt, a.prefix_k + offset, a.prefix_v + offset, a.d,
-                  a.m, -1});
+    body(KeyBlock{pkt, transposed_ld(a.m), pvt, a.prefix_k + offset, a.prefix_v + offset, a.d, a.m,
+                  -1});
   }
   const int64_t ldkt = transposed_ld(a.n);
   for (int64_t j0 = 0; j0 < a.n; j0 += kKeyBlock) {
@@ -383,8 +397,7 @@ inline void flash_backward_unit_impl(const FlashAttention& a, int64_t b, int64_t
       const float* q = a.q.row(b, h, i0);
       const float* grad_out = a.grad_out.row(b, h, i0);
       const float* lse = a.lse + (b * a.heads_q + h) * n + i0;
-      gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, probs,
-                       ld);
+      gemm_rows<false>(rows, ld, d, Operand{q, a.q.row_stride, 1}, block.kt, block.ldkt, probs, ld);
       gemm_rows<false>(rows, ld, d, Operand{grad_out, a.grad_out.row_stride, 1}, block.vt,
                        block.ldkt, dscores, ld);
       for (int64_t r = 0; r < rows; ++r) {

@@ -43,11 +43,14 @@ namespace baseline {
 
 #ifndef PEFTKERN_ISA_DISPATCH
 #ifdef PEFTKERN_X86_MULTIVERSION
-#define PEFTKERN_ISA_DISPATCH(call)                    \
-  switch (::peftkern::cpu::selected_isa()) {           \
-    case ::peftkern::cpu::Isa::avx512: return avx512::call; \
-    case ::peftkern::cpu::Isa::avx2: return avx2::call;     \
-    default: return baseline::call;                    \
+#define PEFTKERN_ISA_DISPATCH(call)          \
+  switch (::peftkern::cpu::selected_isa()) { \
+    case ::peftkern::cpu::Isa::avx512:       \
+      return avx512::call;                   \
+    case ::peftkern::cpu::Isa::avx2:         \
+      return avx2::call;                     \
+    default:                                 \
+      return baseline::call;                 \
   }
 #else
 #define PEFTKERN_ISA_DISPATCH(call) return baseline::call;

@@ -29,8 +29,7 @@ namespace {
 constexpr int64_t kChunkBytes = 256 << 10;
 constexpr int64_t kMinChunkRows = 16;
 
-c10::optional<DropoutParams> dropout_params(double dropout,
-                                            const c10::optional<at::Tensor>& seed) {
+c10::optional<DropoutParams> dropout_params(double dropout, const c10::optional<at::Tensor>& seed) {
   if (dropout == 0.0) return c10::nullopt;
   const int64_t seed_value = seed->contiguous().data_ptr<int64_t>()[0];
   return DropoutParams::make(static_cast<uint64_t>(seed_value), dropout);
@@ -39,7 +38,8 @@ c10::optional<DropoutParams> dropout_params(double dropout,
 // Rows per chunk: fixed by K and the dtype alone, never by the thread count, so that the
 // per-chunk partial sums (and hence dA) are bitwise the same on any number of threads.
 int64_t chunk_rows(int64_t M, int64_t K, int64_t element_size) {
-  const int64_t rows = std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(1, K * element_size));
+  const int64_t rows =
+      std::max(kMinChunkRows, kChunkBytes / std::max<int64_t>(1, K * element_size));
   return std::max<int64_t>(1, std::min(rows, M));
 }
 
@@ -82,8 +82,8 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dr
   const int64_t chunk = chunk_rows(M, K, lora_A.element_size());
   for_each_chunk(M, chunk, [&](int64_t, int64_t m0, int64_t rows) {
     at::Tensor masked_x = chunk_workspace(0, rows, K, lora_A.options());
-    drop_convert_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0), row_ptr(masked_x, 0), rows,
-                      K, m0, d ? &*d : nullptr);
+    drop_convert_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0), row_ptr(masked_x, 0), rows, K,
+                      m0, d ? &*d : nullptr);
     at::Tensor S_rows = S.narrow(0, m0, rows);
     at::mm_out(S_rows, masked_x, lora_A.t());
   });
@@ -111,8 +111,7 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
     }
     if (dA.defined()) masked_x = chunk_workspace(1, rows, K, lora_A.options());
     drop_backward_rows(dtype_of(x), dtype_of(lora_A), row_ptr(x, m0), row_ptr(dx, m0),
-                       row_ptr(lora_term, 0), row_ptr(masked_x, 0), rows, K, m0,
-                       d ? &*d : nullptr);
+                       row_ptr(lora_term, 0), row_ptr(masked_x, 0), rows, K, m0, d ? &*d : nullptr);
     if (dA.defined()) {
       at::Tensor partial = partials.select(0, c);
       at::mm_out(partial, dS_rows.t(), masked_x);
@@ -124,7 +123,8 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
 // Both products over g in one pass: a thread takes a chunk of g rows (converted to the
 // adapters' dtype in its workspace when they differ) and runs both GEMMs on it while it is in
 // its cache. dB sums per-chunk partials in chunk order, like dA.
-std::tuple<at::Tensor, at::Tensor> up_project_backward(const at::Tensor& g, const at::Tensor& lora_B,
+std::tuple<at::Tensor, at::Tensor> up_project_backward(const at::Tensor& g,
+                                                       const at::Tensor& lora_B,
                                                        const at::Tensor& S, double scaling,
                                                        bool need_dS, bool need_dB) {
   const int64_t M = g.size(0), N = g.size(1), r = lora_B.size(1);
@@ -137,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> up_project_backward(const at::Tensor& g, cons
     at::Tensor g_rows = g.narrow(0, m0, rows);
     if (convert) {
       at::Tensor converted = chunk_workspace(0, rows, N, lora_B.options());
-      drop_convert_rows(dtype_of(g), dtype_of(lora_B), row_ptr(g, m0), row_ptr(converted, 0),
-                        rows, N, m0, nullptr);
+      drop_convert_rows(dtype_of(g), dtype_of(lora_B), row_ptr(g, m0), row_ptr(converted, 0), rows,
+                        N, m0, nullptr);
       g_rows = converted;
     }
     if (need_dS) {
@@ -157,10 +157,12 @@ std::tuple<at::Tensor, at::Tensor> up_project_backward(const at::Tensor& g, cons
 
 constexpr LoraKernels kCpuKernels{&down_project, &down_project_backward, &up_project_backward};
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout,
-    const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                   const c10::optional<at::Tensor>& bias,
+                                                   const at::Tensor& lora_A,
+                                                   const at::Tensor& lora_B, double scaling,
+                                                   double dropout,
+                                                   const c10::optional<at::Tensor>& seed) {
   return lora_linear_forward(kCpuKernels, x, weight, bias, lora_A, lora_B, scaling, dropout, seed);
 }
 

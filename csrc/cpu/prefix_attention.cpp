@@ -96,10 +96,11 @@ void softmax_rows(at::Tensor& scores, at::Tensor& lse, const at::Tensor& mask,
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_softmax", [&] {
     scalar_t* lse_data = lse.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(b.scale);
-    for_each_row<scalar_t>(scores, mask, b, [&](scalar_t* row, int64_t visible, int64_t keys,
-                                                const bool* keep, int64_t lse_index) {
-      lse_data[lse_index] = softmax_row(row, visible, keys, keep, scale);
-    });
+    for_each_row<scalar_t>(
+        scores, mask, b,
+        [&](scalar_t* row, int64_t visible, int64_t keys, const bool* keep, int64_t lse_index) {
+          lse_data[lse_index] = softmax_row(row, visible, keys, keep, scale);
+        });
   });
 }
 
@@ -108,10 +109,11 @@ void probs_rows(at::Tensor& scores, const at::Tensor& lse, const at::Tensor& mas
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_probs", [&] {
     const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(b.scale);
-    for_each_row<scalar_t>(scores, mask, b, [&](scalar_t* row, int64_t visible, int64_t keys,
-                                                const bool* keep, int64_t lse_index) {
-      probs_row(row, visible, keys, keep, scale, lse_data[lse_index]);
-    });
+    for_each_row<scalar_t>(
+        scores, mask, b,
+        [&](scalar_t* row, int64_t visible, int64_t keys, const bool* keep, int64_t lse_index) {
+          probs_row(row, visible, keys, keep, scale, lse_data[lse_index]);
+        });
   });
 }
 
@@ -149,14 +151,14 @@ std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
-    double scale, std::array<bool, 3> needed) {
+    const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    std::array<bool, 3> needed) {
   return blockwise_attention_backward(kCpuRows, grad_out, q, k, v, mask, out, lse, causal, scale,
                                       needed);
 }
 
-constexpr PrefixAttentionKernels kCpuKernels{&sequence_forward, &sequence_backward, &merge,
-                                             kCpuRows, &flash_forward, &flash_backward};
+constexpr PrefixAttentionKernels kCpuKernels{
+    &sequence_forward, &sequence_backward, &merge, kCpuRows, &flash_forward, &flash_backward};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -167,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-prefix_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+prefix_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& prefix_k,
+                              const at::Tensor& prefix_v,
                               const c10::optional<at::Tensor>& key_padding_mask,
                               const at::Tensor& out, const at::Tensor& lse, bool causal,
                               double scale, std::array<bool, 5> output_mask) {

@@ -10,11 +10,16 @@ namespace peftkern::cpu {
 
 inline Dtype dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::f32;
-    case at::kDouble: return Dtype::f64;
-    case at::kHalf: return Dtype::f16;
-    case at::kBFloat16: return Dtype::bf16;
-    default: TORCH_CHECK(false, "peftkern: unsupported dtype ", t.scalar_type());
+    case at::kFloat:
+      return Dtype::f32;
+    case at::kDouble:
+      return Dtype::f64;
+    case at::kHalf:
+      return Dtype::f16;
+    case at::kBFloat16:
+      return Dtype::bf16;
+    default:
+      TORCH_CHECK(false, "peftkern: unsupported dtype ", t.scalar_type());
   }
 }
 

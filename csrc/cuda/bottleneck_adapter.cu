@@ -30,7 +30,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < n;
        idx += stride) {
     const int64_t i = idx / width, j = idx - i * width;
-    a[idx] = static_cast<T>(j < r ? scale * activation_value<A, C>(static_cast<C>(Z[i * r + j])) : scale);
+    a[idx] = static_cast<T>(j < r ? scale * activation_value<A, C>(static_cast<C>(Z[i * r + j]))
+                                  : scale);
   }
 }
 
@@ -69,14 +70,15 @@ void activate(const at::Tensor& Z, Activation activation, double scale, at::Tens
   const int64_t rows = Z.size(0), r = Z.size(1), width = a.size(1);
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Z.scalar_type(), "peftkern_adapter_act", [&] {
-    with_activation(activation, [&](auto kind) {
-      constexpr Activation A = decltype(kind)::value;
-      activate_kernel<scalar_t, A><<<grid_for(rows * width), kThreads, 0, stream>>>(
-          Z.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width,
-          static_cast<compute_t<scalar_t>>(scale));
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, Z.scalar_type(), "peftkern_adapter_act", [&] {
+        with_activation(activation, [&](auto kind) {
+          constexpr Activation A = decltype(kind)::value;
+          activate_kernel<scalar_t, A><<<grid_for(rows * width), kThreads, 0, stream>>>(
+              Z.const_data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width,
+              static_cast<compute_t<scalar_t>>(scale));
+        });
+      });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -86,21 +88,22 @@ void activate_backward(const at::Tensor& Z, at::Tensor& dA, Activation activatio
   const int64_t rows = Z.size(0), r = Z.size(1), width = a.defined() ? a.size(1) : r;
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Z.scalar_type(), "peftkern_adapter_act_bwd", [&] {
-    with_activation(activation, [&](auto kind) {
-      constexpr Activation A = decltype(kind)::value;
-      const dim3 grid = grid_for(rows * width);
-      if (a.defined()) {
-        activate_backward_kernel<scalar_t, A, true><<<grid, kThreads, 0, stream>>>(
-            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, r, width,
-            static_cast<compute_t<scalar_t>>(scale));
-      } else {
-        activate_backward_kernel<scalar_t, A, false><<<grid, kThreads, 0, stream>>>(
-            Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), nullptr, rows, r, width,
-            static_cast<compute_t<scalar_t>>(scale));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, Z.scalar_type(), "peftkern_adapter_act_bwd", [&] {
+        with_activation(activation, [&](auto kind) {
+          constexpr Activation A = decltype(kind)::value;
+          const dim3 grid = grid_for(rows * width);
+          if (a.defined()) {
+            activate_backward_kernel<scalar_t, A, true><<<grid, kThreads, 0, stream>>>(
+                Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows,
+                r, width, static_cast<compute_t<scalar_t>>(scale));
+          } else {
+            activate_backward_kernel<scalar_t, A, false><<<grid, kThreads, 0, stream>>>(
+                Z.const_data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), nullptr, rows, r, width,
+                static_cast<compute_t<scalar_t>>(scale));
+          }
+        });
+      });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -124,9 +127,9 @@ bottleneck_adapter_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h
                                  double scaling, const c10::optional<at::Tensor>& scaling_vector,
                                  bool residual_is_h, std::array<bool, 6> output_mask) {
   const c10::cuda::CUDAGuard guard(h.device());
-  return bottleneck_adapter_backward(kCudaKernels, grad_out, h, w_down, w_up, b_up,
-                                     pre_activation, std::string(activation), scaling,
-                                     scaling_vector, residual_is_h, output_mask);
+  return bottleneck_adapter_backward(kCudaKernels, grad_out, h, w_down, w_up, b_up, pre_activation,
+                                     std::string(activation), scaling, scaling_vector,
+                                     residual_is_h, output_mask);
 }
 
 }  // namespace

@@ -148,8 +148,7 @@ template <typename X, typename Acc, bool kDropout>
 __global__ void __launch_bounds__(kThreads)
     lora_dA_kernel(const X* __restrict__ x, const Acc* __restrict__ dS,
                    compute_t<Acc>* __restrict__ partial, int64_t M, int64_t K, int64_t r,
-                   int64_t rows_per_split, DropoutParams params,
-                   const int64_t* __restrict__ seed) {
+                   int64_t rows_per_split, DropoutParams params, const int64_t* __restrict__ seed) {
   using C = compute_t<Acc>;
   const DropoutParams d = with_seed(params, seed);
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -198,7 +197,9 @@ const int64_t* seed_ptr(double dropout, const c10::optional<at::Tensor>& seed) {
   return dropout == 0.0 ? nullptr : seed->data_ptr<int64_t>();
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Calls f(X{}, Acc{}) with the C++ types of x's dtype and the adapter dtype (equal, or float
 // for half/bfloat16 x; the argument checks have already ruled out other pairs).
@@ -229,11 +230,13 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double dr
     using Acc = decltype(acc_value);
     auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, 0, stream>>>(x.const_data_ptr<X>(), A.const_data_ptr<Acc>(),
-                                             S.data_ptr<Acc>(), M, K, r, d.value_or(DropoutParams{}),
-                                             seed_ptr(dropout, seed));
+                                            S.data_ptr<Acc>(), M, K, r, d.value_or(DropoutParams{}),
+                                            seed_ptr(dropout, seed));
     };
-    if (d) launch(down_project_kernel<X, Acc, true>);
-    else launch(down_project_kernel<X, Acc, false>);
+    if (d)
+      launch(down_project_kernel<X, Acc, true>);
+    else
+      launch(down_project_kernel<X, Acc, false>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return S;
@@ -262,11 +265,14 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
       const dim3 grid(M, column_blocks);
       const size_t smem = r * sizeof(C);
       auto launch = [&](auto kernel) {
-        kernel<<<grid, kThreads, smem, stream>>>(dS_c.const_data_ptr<Acc>(), A.const_data_ptr<Acc>(),
-                                                 dx.data_ptr<X>(), K, r, params, seed_data);
+        kernel<<<grid, kThreads, smem, stream>>>(dS_c.const_data_ptr<Acc>(),
+                                                 A.const_data_ptr<Acc>(), dx.data_ptr<X>(), K, r,
+                                                 params, seed_data);
       };
-      if (d) launch(lora_dx_kernel<X, Acc, true>);
-      else launch(lora_dx_kernel<X, Acc, false>);
+      if (d)
+        launch(lora_dx_kernel<X, Acc, true>);
+      else
+        launch(lora_dx_kernel<X, Acc, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (dA.defined()) {
@@ -283,8 +289,10 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
                                               partial.data_ptr<C>(), M, K, r, rows_per_split,
                                               params, seed_data);
       };
-      if (d) launch(lora_dA_kernel<X, Acc, true>);
-      else launch(lora_dA_kernel<X, Acc, false>);
+      if (d)
+        launch(lora_dA_kernel<X, Acc, true>);
+      else
+        launch(lora_dA_kernel<X, Acc, false>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dA.copy_(partial.sum(0));
     }
@@ -296,10 +304,12 @@ void down_project_backward(const at::Tensor& x, const at::Tensor& lora_A, const 
 constexpr LoraKernels kCudaKernels{&down_project, &down_project_backward,
                                    /*up_project_backward=*/nullptr};
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, double dropout,
-    const c10::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias,
+                                                    const at::Tensor& lora_A,
+                                                    const at::Tensor& lora_B, double scaling,
+                                                    double dropout,
+                                                    const c10::optional<at::Tensor>& seed) {
   const c10::cuda::CUDAGuard guard(x.device());
   return lora_linear_forward(kCudaKernels, x, weight, bias, lora_A, lora_B, scaling, dropout, seed);
 }
@@ -309,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& lora_A, const at::Tensor& lora_B, const at::Tensor& S, double scaling,
     double dropout, const c10::optional<at::Tensor>& seed, std::array<bool, 5> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return lora_linear_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, S, scaling,
-                              dropout, seed, output_mask);
+  return lora_linear_backward(kCudaKernels, grad_y, x, weight, lora_A, lora_B, S, scaling, dropout,
+                              seed, output_mask);
 }
 
 }  // namespace

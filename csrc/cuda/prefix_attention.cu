@@ -25,15 +25,21 @@ constexpr int kMergeThreads = 64;
 
 struct MaxOp {
   template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
 };
 struct SumOp {
   template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 
 template <typename T>
-__device__ __forceinline__ T neg_inf() { return -static_cast<T>(INFINITY); }
+__device__ __forceinline__ T neg_inf() {
+  return -static_cast<T>(INFINITY);
+}
 
 // Reduces v over the thread block; every thread gets the result. shared holds kWarps values.
 template <typename T, typename Op>
@@ -73,8 +79,8 @@ __device__ __forceinline__ bool key_visible(const RowPlace& p, int64_t j) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    softmax_rows_kernel(T* __restrict__ scores, T* __restrict__ lse,
-                        const bool* __restrict__ keep, int64_t R, int64_t keys, AttentionBlock b) {
+    softmax_rows_kernel(T* __restrict__ scores, T* __restrict__ lse, const bool* __restrict__ keep,
+                        int64_t R, int64_t keys, AttentionBlock b) {
   __shared__ T shared[kWarps];
   const int64_t idx = blockIdx.x;
   const RowPlace p = place_row(idx, R, keys, keep, b);
@@ -148,9 +154,9 @@ void softmax_rows(at::Tensor& scores, at::Tensor& lse, const at::Tensor& mask,
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_softmax", [&] {
-    softmax_rows_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-        scores.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), keep_ptr(mask), scores.size(1),
-        scores.size(2), b);
+    softmax_rows_kernel<scalar_t>
+        <<<rows, kThreads, 0, stream>>>(scores.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                        keep_ptr(mask), scores.size(1), scores.size(2), b);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -161,9 +167,9 @@ void probs_rows(at::Tensor& scores, const at::Tensor& lse, const at::Tensor& mas
   if (rows == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_probs", [&] {
-    probs_rows_kernel<scalar_t><<<rows, kThreads, 0, stream>>>(
-        scores.data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), keep_ptr(mask),
-        scores.size(1), scores.size(2), b);
+    probs_rows_kernel<scalar_t>
+        <<<rows, kThreads, 0, stream>>>(scores.data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(),
+                                        keep_ptr(mask), scores.size(1), scores.size(2), b);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -216,16 +222,16 @@ std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal,
-    double scale, std::array<bool, 3> needed) {
+    const at::Tensor& mask, const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    std::array<bool, 3> needed) {
   if (flash_covers(q, k, mask)) {
     const auto type = q.scalar_type();
     const int64_t n = q.size(2);
     // Without dropout the kernel reads neither the cumulative lengths (dense inputs) nor the
     // RNG state, so they are passed undefined.
     auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_backward(
-        in_compute(grad_out, type), in_compute(q, type), in_compute(k, type),
-        in_compute(v, type), in_compute(out, type), lse.contiguous(), /*cum_seq_q=*/at::Tensor(),
+        in_compute(grad_out, type), in_compute(q, type), in_compute(k, type), in_compute(v, type),
+        in_compute(out, type), lse.contiguous(), /*cum_seq_q=*/at::Tensor(),
         /*cum_seq_k=*/at::Tensor(), /*max_q=*/n, /*max_k=*/n, /*dropout_p=*/0.0, causal,
         /*philox_seed=*/at::Tensor(), /*philox_offset=*/at::Tensor(), scale);
     return {dq, dk, dv};
@@ -236,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
 
 // No fused kernel: FlashAttention (or the blockwise path) for the sequence, the prefix as
 // batched GEMMs and the row passes above, then the merge.
-constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge,
-                                              kCudaRows, /*fused_forward=*/nullptr,
-                                              /*fused_backward=*/nullptr};
+constexpr PrefixAttentionKernels kCudaKernels{
+    &sequence_forward,         &sequence_backward, &merge, kCudaRows, /*fused_forward=*/nullptr,
+    /*fused_backward=*/nullptr};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -250,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-prefix_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+prefix_attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& prefix_k,
+                               const at::Tensor& prefix_v,
                                const c10::optional<at::Tensor>& key_padding_mask,
                                const at::Tensor& out, const at::Tensor& lse, bool causal,
                                double scale, std::array<bool, 5> output_mask) {

@@ -41,8 +41,12 @@ class EagerAdapter(nn.Module):
     def __init__(self, adapter: BottleneckAdapter) -> None:
         super().__init__()
         self.activation = adapter.activation
-        self.down = nn.Linear(adapter.hidden_size, adapter.bottleneck, device=adapter.w_down.device, dtype=adapter.w_down.dtype)
-        self.up = nn.Linear(adapter.bottleneck, adapter.hidden_size, device=adapter.w_up.device, dtype=adapter.w_up.dtype)
+        self.down = nn.Linear(
+            adapter.hidden_size, adapter.bottleneck, device=adapter.w_down.device, dtype=adapter.w_down.dtype
+        )
+        self.up = nn.Linear(
+            adapter.bottleneck, adapter.hidden_size, device=adapter.w_up.device, dtype=adapter.w_up.dtype
+        )
         with torch.no_grad():  # the same weights as the peftkern adapter
             self.down.weight.copy_(adapter.w_down)
             self.down.bias.copy_(adapter.b_down)
@@ -60,7 +64,11 @@ def _adapters_library_provider(case: AdapterCase, h: torch.Tensor) -> Provider |
     except ImportError:
         return None
     config = SeqBnConfig(reduction_factor=case.hidden / case.bottleneck, non_linearity=case.activation)
-    layer = Adapter("bench", case.hidden, case.bottleneck, config).to(device=case.device, dtype=case.dtype).train()
+    layer = (
+        Adapter("bench", case.hidden, case.bottleneck, config)
+        .to(device=case.device, dtype=case.dtype)
+        .train()
+    )
     return Provider("adapters", lambda: layer(h, h)[0], list(layer.parameters()), [h])
 
 
@@ -68,7 +76,9 @@ def providers_for(case: AdapterCase, compile_modes: tuple[str, ...] = COMPILE_MO
     torch.manual_seed(0)
     device = torch.device(case.device)
     h = torch.randn(case.rows, case.hidden, device=device, dtype=case.dtype, requires_grad=True)
-    adapter = BottleneckAdapter(case.hidden, bottleneck=case.bottleneck, activation=case.activation, device=device, dtype=case.dtype)
+    adapter = BottleneckAdapter(
+        case.hidden, bottleneck=case.bottleneck, activation=case.activation, device=device, dtype=case.dtype
+    )
     nn.init.normal_(adapter.b_down, std=0.02)  # some pre-activations of either sign
     eager = EagerAdapter(adapter)
     providers = [
@@ -79,18 +89,26 @@ def providers_for(case: AdapterCase, compile_modes: tuple[str, ...] = COMPILE_MO
     for mode in compile_modes:
         compiled = torch.compile(eager, mode=mode, dynamic=False)
         label = "compile" if mode == "default" else f"compile:{mode.replace('-no-cudagraphs', '')}"
-        providers.append(Provider(label, lambda compiled=compiled: compiled(h), list(eager.parameters()), [h]))
+        providers.append(
+            Provider(label, lambda compiled=compiled: compiled(h), list(eager.parameters()), [h])
+        )
     library = _adapters_library_provider(case, h)
     if library is not None:
         providers.append(library)
     return providers
 
 
-def run(cases: list[AdapterCase], *, rounds: int = 15, compile_modes: tuple[str, ...] = COMPILE_MODES) -> list[Result]:
+def run(
+    cases: list[AdapterCase], *, rounds: int = 15, compile_modes: tuple[str, ...] = COMPILE_MODES
+) -> list[Result]:
     results: list[Result] = []
     for case in cases:
         results += measure_case(
-            case.name, providers_for(case, compile_modes), "copy", torch.device(case.device), rounds=rounds,
+            case.name,
+            providers_for(case, compile_modes),
+            "copy",
+            torch.device(case.device),
+            rounds=rounds,
             extra={"op": "bottleneck_adapter", "dtype": str(case.dtype), "activation": case.activation},
         )
     return results

@@ -15,9 +15,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ class Result:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" for torch.bfloat16: how dtypes appear in case names."""
+    """ "bfloat16" for torch.bfloat16: how dtypes appear in case names."""
     return str(dtype).replace("torch.", "")
 
 
@@ -156,8 +156,16 @@ def time_interleaved(
 
 
 def make_result(
-    case: str, provider: str, mode: str, times: Sequence[float], floor_median: float, device: torch.device,
-    *, saved_bytes: int, peak_bytes: int | None, extra: dict | None = None,
+    case: str,
+    provider: str,
+    mode: str,
+    times: Sequence[float],
+    floor_median: float,
+    device: torch.device,
+    *,
+    saved_bytes: int,
+    peak_bytes: int | None,
+    extra: dict | None = None,
 ) -> Result:
     """One Result row from raw times (seconds): median, 10%/90% quantiles, ratio to the floor."""
     import peftkern
@@ -165,13 +173,18 @@ def make_result(
     ts = sorted(times)
     median = statistics.median(ts)
     return Result(
-        case=case, provider=provider, mode=mode,
+        case=case,
+        provider=provider,
+        mode=mode,
         median_ms=median * 1e3,
         q10_ms=ts[len(ts) // 10] * 1e3,
         q90_ms=ts[(len(ts) * 9) // 10 - (1 if len(ts) % 10 == 0 else 0)] * 1e3,
         ratio_to_floor=median / floor_median,
-        saved_bytes=saved_bytes, peak_bytes=peak_bytes,
-        machine=machine_description(device), torch=torch.__version__, peftkern=peftkern.__version__,
+        saved_bytes=saved_bytes,
+        peak_bytes=peak_bytes,
+        machine=machine_description(device),
+        torch=torch.__version__,
+        peftkern=peftkern.__version__,
         extra=dict(extra or {}),
     )
 
@@ -202,7 +215,12 @@ def measure_case(
         for p in providers:
             results.append(
                 make_result(
-                    case, p.name, mode, times[p.name], floor_median, device,
+                    case,
+                    p.name,
+                    mode,
+                    times[p.name],
+                    floor_median,
+                    device,
                     saved_bytes=saved_activation_bytes(p),
                     peak_bytes=_peak_bytes(p, grad, device) if mode == "forward+backward" else None,
                     extra=extra,
@@ -213,7 +231,10 @@ def measure_case(
 
 def format_table(results: Sequence[Result]) -> str:
     """A fixed-width table: one line per (case, provider, mode)."""
-    header = f"{'case':<34} {'provider':<14} {'mode':<17} {'median ms':>10} {'q10-q90 ms':>15} {'x floor':>8} {'saved MiB':>10} {'peak MiB':>9}"
+    header = (
+        f"{'case':<34} {'provider':<14} {'mode':<17} {'median ms':>10} {'q10-q90 ms':>15} "
+        f"{'x floor':>8} {'saved MiB':>10} {'peak MiB':>9}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         peak = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else f"{'-':>9}"
@@ -222,7 +243,9 @@ def format_table(results: Sequence[Result]) -> str:
             f"{r.q10_ms:7.2f}-{r.q90_ms:<7.2f} {r.ratio_to_floor:8.3f} {r.saved_bytes / 2**20:10.2f} {peak}"
         )
     if results:
-        lines.append(f"machine: {results[0].machine}; torch {results[0].torch}; peftkern {results[0].peftkern}")
+        lines.append(
+            f"machine: {results[0].machine}; torch {results[0].torch}; peftkern {results[0].peftkern}"
+        )
     return "\n".join(lines)
 
 
@@ -233,7 +256,9 @@ def invoking_command() -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
-def write_results(results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None) -> None:
+def write_results(
+    results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None
+) -> None:
     """CSV: one flat row per result. JSON: the rows plus the command and date that made them,
     which is what scripts/render_benchmark_tables.py turns into the README's tables."""
     rows = [asdict(r) for r in results]

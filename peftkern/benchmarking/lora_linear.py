@@ -51,7 +51,9 @@ def _peft_provider(case: LoRACase, base: nn.Linear, x: torch.Tensor) -> Provider
         from peft import LoraConfig, get_peft_model
     except ImportError:
         return None
-    config = LoraConfig(r=case.r, lora_alpha=case.r * ALPHA_OVER_R, lora_dropout=case.dropout, target_modules=["proj"])
+    config = LoraConfig(
+        r=case.r, lora_alpha=case.r * ALPHA_OVER_R, lora_dropout=case.dropout, target_modules=["proj"]
+    )
     model = get_peft_model(_PeftHost(base), config).train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -70,7 +72,9 @@ def providers_for(case: LoRACase, with_compile: bool = True) -> list[Provider]:
     base = nn.Linear(case.in_features, case.out_features, device=device, dtype=case.dtype)
     base.requires_grad_(False)
     x = torch.randn(case.rows, case.in_features, device=device, dtype=case.dtype, requires_grad=True)
-    layer = LoRALinear.from_linear(base, r=case.r, lora_alpha=case.r * ALPHA_OVER_R, lora_dropout=case.dropout).train()
+    layer = LoRALinear.from_linear(
+        base, r=case.r, lora_alpha=case.r * ALPHA_OVER_R, lora_dropout=case.dropout
+    ).train()
     nn.init.normal_(layer.lora_B, std=0.02)
     # Every parameter, frozen or not, is listed so that it never counts as a saved activation.
     params = [base.weight, base.bias, layer.lora_A, layer.lora_B]
@@ -89,7 +93,14 @@ def providers_for(case: LoRACase, with_compile: bool = True) -> list[Provider]:
     if with_compile:
         compiled = torch.compile(_eager_lora, dynamic=False)
         providers.append(
-            Provider("torch.compile", lambda: compiled(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, case.dropout), params, [x])
+            Provider(
+                "torch.compile",
+                lambda: compiled(
+                    x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, case.dropout
+                ),
+                params,
+                [x],
+            )
         )
     return providers
 
@@ -98,8 +109,12 @@ def run(cases: list[LoRACase], *, rounds: int = 15, with_compile: bool = True) -
     results: list[Result] = []
     for case in cases:
         results += measure_case(
-            case.name, providers_for(case, with_compile), "frozen-linear", torch.device(case.device),
-            rounds=rounds, extra={"op": "lora_linear", "dtype": str(case.dtype), "dropout": case.dropout},
+            case.name,
+            providers_for(case, with_compile),
+            "frozen-linear",
+            torch.device(case.device),
+            rounds=rounds,
+            extra={"op": "lora_linear", "dtype": str(case.dtype), "dropout": case.dropout},
         )
     return results
 

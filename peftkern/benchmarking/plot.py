@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from peftkern.benchmarking.harness import Result
 
@@ -32,7 +32,9 @@ def write_plot(results: Sequence[Result], path: str | Path) -> bool:
     ax.set_xlabel("median time / floor median (same run)")
     ax.legend(fontsize=8)
     if results:
-        ax.set_title(f"{results[0].machine}; torch {results[0].torch}; peftkern {results[0].peftkern}", fontsize=9)
+        ax.set_title(
+            f"{results[0].machine}; torch {results[0].torch}; peftkern {results[0].peftkern}", fontsize=9
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

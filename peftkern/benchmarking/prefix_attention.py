@@ -71,7 +71,12 @@ def providers_for(case: PrefixCase) -> list[Provider]:
     return [
         Provider("no-prefix", lambda: sdpa(*qkv(), is_causal=case.causal), [], inputs),
         Provider("concat+sdpa", concat_sdpa, prefix, inputs),
-        Provider("peftkern", lambda: peftkern.prefix_attention(*qkv(), prefix_k, prefix_v, causal=case.causal), prefix, inputs),
+        Provider(
+            "peftkern",
+            lambda: peftkern.prefix_attention(*qkv(), prefix_k, prefix_v, causal=case.causal),
+            prefix,
+            inputs,
+        ),
     ]
 
 
@@ -79,8 +84,12 @@ def run(cases: list[PrefixCase], *, rounds: int = 15) -> list[Result]:
     results: list[Result] = []
     for case in cases:
         results += measure_case(
-            case.name, providers_for(case), "no-prefix", torch.device(case.device),
-            rounds=rounds, extra={"op": "prefix_attention", "dtype": str(case.dtype), "causal": case.causal},
+            case.name,
+            providers_for(case),
+            "no-prefix",
+            torch.device(case.device),
+            rounds=rounds,
+            extra={"op": "prefix_attention", "dtype": str(case.dtype), "causal": case.causal},
         )
     return results
 

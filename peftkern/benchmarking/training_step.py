@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from peftkern.benchmarking.harness import Provider, Result, dtype_name, make_result, peak_bytes, saved_activation_bytes, time_interleaved
+from peftkern.benchmarking.harness import (
+    Provider,
+    Result,
+    dtype_name,
+    make_result,
+    peak_bytes,
+    saved_activation_bytes,
+    time_interleaved,
+)
 from peftkern.integrations import inject_lora, inject_prefix, patch_peft, use_peftkern_attention
 
 QV = ("q_proj", "v_proj")
@@ -58,7 +66,10 @@ class StepCase:
 # not drown the attention projections the providers differ in.
 # LoRA on q/v is the target configuration; on every linear layer the share of the
 # step that LoRA costs (and fusion can save) is larger.
-CPU_CASES = [StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", targets) for targets in (QV, ALL_LINEAR)]
+CPU_CASES = [
+    StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", targets)
+    for targets in (QV, ALL_LINEAR)
+]
 CPU_CASES.append(StepCase(512, 4, 8, 1376, 2048, 256, 4, 0, 0.0, torch.float32, "cpu", prefix=20))
 GPU_CASES = [StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda")]
 
@@ -68,9 +79,14 @@ def base_model(case: StepCase) -> nn.Module:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
-        num_hidden_layers=case.layers, num_attention_heads=case.heads, num_key_value_heads=case.heads,
-        max_position_embeddings=case.seq, use_cache=False,  # training: no KV cache
+        vocab_size=case.vocab,
+        hidden_size=case.hidden,
+        intermediate_size=case.intermediate,
+        num_hidden_layers=case.layers,
+        num_attention_heads=case.heads,
+        num_key_value_heads=case.heads,
+        max_position_embeddings=case.seq,
+        use_cache=False,  # training: no KV cache
     )
     return LlamaForCausalLM(config).to(device=case.device, dtype=case.dtype)
 
@@ -82,7 +98,9 @@ def build_models(case: StepCase) -> dict[str, nn.Module]:
 def fully_patched(peft_model: nn.Module) -> nn.Module:
     patched = copy.deepcopy(peft_model)
     report = patch_peft(patched)
-    if report.num_skipped or not report.num_patched:  # a partly patched model would make the comparison meaningless
+    if (
+        report.num_skipped or not report.num_patched
+    ):  # a partly patched model would make the comparison meaningless
         raise RuntimeError(f"peftkern: the benchmark model was not fully patched:\n{report}")
     return patched
 
@@ -103,10 +121,17 @@ def build_prefix_models(case: StepCase) -> dict[str, nn.Module]:
 
     base = base_model(case)
     floor = frozen_base(base)
-    peft_model = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.prefix))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=case.prefix)
+    )
     patched = fully_patched(peft_model)
     inject_prefix(base, num_virtual_tokens=case.prefix)
-    return {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": base.train(), "frozen-base": floor}
+    return {
+        "peft": peft_model.train(),
+        "peftkern-patched": patched.train(),
+        "peftkern-injected": base.train(),
+        "frozen-base": floor,
+    }
 
 
 def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
@@ -115,7 +140,9 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
 
     base = base_model(case)
     floor = frozen_base(base)
-    lora = LoraConfig(r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets))
+    lora = LoraConfig(
+        r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets)
+    )
     peft_model = get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():  # trained-like B, so the adapters do work in every provider
         for name, p in peft_model.named_parameters():
@@ -124,14 +151,22 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
     patched = fully_patched(peft_model)
     injected = base
     inject_lora(injected, case.targets, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
-    source = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    source = {
+        n.removeprefix("base_model.model.").replace(".default.weight", ""): p
+        for n, p in peft_model.named_parameters()
+        if "lora_" in n
+    }
     with torch.no_grad():
         for name, p in injected.named_parameters():
             if "lora_" in name:
                 p.copy_(source[name])
     # On a bf16 model peft keeps its adapters in fp32 while inject_lora gives them the base
     # dtype: the injected provider then does slightly less work than the other two.
-    models = {"peft": peft_model.train(), "peftkern-patched": patched.train(), "peftkern-injected": injected.train()}
+    models = {
+        "peft": peft_model.train(),
+        "peftkern-patched": patched.train(),
+        "peftkern-injected": injected.train(),
+    }
     if case.device == "cpu":  # on a GPU every attention call would go to SDPA anyway
         with_attention = copy.deepcopy(patched)
         use_peftkern_attention(with_attention)
@@ -156,21 +191,34 @@ def training_step(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], Non
 def run(case: StepCase, *, rounds: int = 10, warmup: int = 2) -> list[Result]:
     device = torch.device(case.device)
     models = build_models(case)
-    input_ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(0)).to(device)
+    input_ids = torch.randint(
+        0, case.vocab, (case.batch, case.seq), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     steps = {name: training_step(model, input_ids) for name, model in models.items()}
     times = time_interleaved(steps, device, rounds=rounds, warmup=warmup)
     floor = statistics.median(times["peft"])
     results = []
     for name, model in models.items():
         params = list(model.parameters())
-        saved = saved_activation_bytes(Provider(name, lambda m=model: m(input_ids=input_ids, labels=input_ids).loss, params))
+        saved = saved_activation_bytes(
+            Provider(name, lambda m=model: m(input_ids=input_ids, labels=input_ids).loss, params)
+        )
         results.append(
             make_result(
-                case.name, name, "train-step", times[name], floor, device,
-                saved_bytes=saved, peak_bytes=peak_bytes(steps[name], device),
+                case.name,
+                name,
+                "train-step",
+                times[name],
+                floor,
+                device,
+                saved_bytes=saved,
+                peak_bytes=peak_bytes(steps[name], device),
                 extra={
-                    "benchmark": "training_step", "dtype": str(case.dtype), "dropout": case.dropout,
-                    "method": f"prefix m{case.prefix}" if case.prefix else "lora", "targets": ",".join(case.targets),
+                    "benchmark": "training_step",
+                    "dtype": str(case.dtype),
+                    "dropout": case.dropout,
+                    "method": f"prefix m{case.prefix}" if case.prefix else "lora",
+                    "targets": ",".join(case.targets),
                 },
             )
         )

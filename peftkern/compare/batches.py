@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -17,10 +17,18 @@ def encode(records: list[dict], kind: TaskKind, tokenizer, max_length: int) -> d
     row of the split (at most `max_length`), so every step has the same shape and the time
     per step compares methods, not batch lengths."""
     if kind == "classification":
-        enc = tokenizer([r["text"] for r in records], padding="longest", truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor([r["label"] for r in records])}
+        enc = tokenizer(
+            [r["text"] for r in records],
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([r["label"] for r in records]),
+        }
     rows = [_prompt_completion(tokenizer, r["prompt"], r["completion"], max_length) for r in records]
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -34,7 +42,9 @@ def encode(records: list[dict], kind: TaskKind, tokenizer, max_length: int) -> d
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+def _prompt_completion(
+    tokenizer, prompt: str, completion: str, max_length: int
+) -> tuple[list[int], list[int]]:
     """Tokens of bos + prompt + completion + eos; labels only on completion and eos, since
     the model is to learn to answer, not to predict the prompt. Too long a row loses the
     start of its prompt first (the end is what the completion follows), then its tail."""
@@ -42,12 +52,14 @@ def _prompt_completion(tokenizer, prompt: str, completion: str, max_length: int)
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = (tokenizer(completion, add_special_tokens=False)["input_ids"] + tail)[: max_length - len(head) - 1]
-    p = p[max(0, len(head) + len(p) + len(c) - max_length):]
+    p = p[max(0, len(head) + len(p) + len(c) - max_length) :]
     ids = head + p + c
     return ids, [IGNORE] * (len(head) + len(p)) + c
 
 
-def iterate(tensors: dict[str, Tensor], batch_size: int, generator: torch.Generator | None = None) -> Iterator[dict[str, Tensor]]:
+def iterate(
+    tensors: dict[str, Tensor], batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[dict[str, Tensor]]:
     """Batches in order, or shuffled by `generator` (so the seed fixes the order)."""
     n = len(tensors["labels"])
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)

@@ -27,29 +27,136 @@ TaskKind = Literal["classification", "causal-lm"]
 SPLITS = ("train", "validation", "test")
 
 _THINGS = [
-    "the film", "this restaurant", "the hotel room", "my new phone", "the concert", "this novel",
-    "the customer service", "the laptop", "the coffee", "the museum tour", "the flight", "this album",
-    "the video game", "the hiking trail", "the cooking class", "this podcast", "the rental car",
-    "the theatre show", "the spa", "the bakery", "the headset", "the guided tour", "the sofa", "this app",
+    "the film",
+    "this restaurant",
+    "the hotel room",
+    "my new phone",
+    "the concert",
+    "this novel",
+    "the customer service",
+    "the laptop",
+    "the coffee",
+    "the museum tour",
+    "the flight",
+    "this album",
+    "the video game",
+    "the hiking trail",
+    "the cooking class",
+    "this podcast",
+    "the rental car",
+    "the theatre show",
+    "the spa",
+    "the bakery",
+    "the headset",
+    "the guided tour",
+    "the sofa",
+    "this app",
 ]
 _POSITIVE = [
-    "wonderful", "excellent", "delightful", "superb", "fantastic", "brilliant", "charming", "lovely",
-    "impressive", "outstanding", "enjoyable", "terrific", "marvelous", "pleasant", "stunning",
-    "flawless", "great", "amazing", "heartwarming", "memorable", "gorgeous", "splendid", "refreshing",
-    "satisfying", "fabulous", "exceptional", "magnificent", "perfect", "inspiring", "excellent value",
-    "a joy", "a treat", "top notch", "worth every penny", "a pleasure", "first rate", "beautiful",
-    "elegant", "thrilling", "comfortable",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "superb",
+    "fantastic",
+    "brilliant",
+    "charming",
+    "lovely",
+    "impressive",
+    "outstanding",
+    "enjoyable",
+    "terrific",
+    "marvelous",
+    "pleasant",
+    "stunning",
+    "flawless",
+    "great",
+    "amazing",
+    "heartwarming",
+    "memorable",
+    "gorgeous",
+    "splendid",
+    "refreshing",
+    "satisfying",
+    "fabulous",
+    "exceptional",
+    "magnificent",
+    "perfect",
+    "inspiring",
+    "excellent value",
+    "a joy",
+    "a treat",
+    "top notch",
+    "worth every penny",
+    "a pleasure",
+    "first rate",
+    "beautiful",
+    "elegant",
+    "thrilling",
+    "comfortable",
 ]
 _NEGATIVE = [
-    "terrible", "awful", "dreadful", "disappointing", "boring", "mediocre", "horrible", "dull",
-    "tedious", "unpleasant", "poor", "lousy", "frustrating", "bland", "sloppy", "forgettable",
-    "miserable", "annoying", "painful", "awkward", "ugly", "shoddy", "overpriced", "depressing",
-    "clumsy", "messy", "a waste of money", "a letdown", "a mess", "second rate", "a chore",
-    "unbearable", "noisy", "rude", "cramped", "stale", "broken", "pathetic", "exhausting",
+    "terrible",
+    "awful",
+    "dreadful",
+    "disappointing",
+    "boring",
+    "mediocre",
+    "horrible",
+    "dull",
+    "tedious",
+    "unpleasant",
+    "poor",
+    "lousy",
+    "frustrating",
+    "bland",
+    "sloppy",
+    "forgettable",
+    "miserable",
+    "annoying",
+    "painful",
+    "awkward",
+    "ugly",
+    "shoddy",
+    "overpriced",
+    "depressing",
+    "clumsy",
+    "messy",
+    "a waste of money",
+    "a letdown",
+    "a mess",
+    "second rate",
+    "a chore",
+    "unbearable",
+    "noisy",
+    "rude",
+    "cramped",
+    "stale",
+    "broken",
+    "pathetic",
+    "exhausting",
     "uncomfortable",
 ]
-_ADVERBS = ["", "", "really ", "truly ", "quite ", "absolutely ", "rather ", "genuinely ", "simply ", "pretty "]
-_ASIDES = ["the parking", "the weather", "the queue", "the price", "the music", "the lighting", "the trip there"]
+_ADVERBS = [
+    "",
+    "",
+    "really ",
+    "truly ",
+    "quite ",
+    "absolutely ",
+    "rather ",
+    "genuinely ",
+    "simply ",
+    "pretty ",
+]
+_ASIDES = [
+    "the parking",
+    "the weather",
+    "the queue",
+    "the price",
+    "the music",
+    "the lighting",
+    "the trip there",
+]
 
 # {thing} is the subject, {adj} an opinion word of the example's label, {opp} one of the other
 # label, {adv} an intensity adverb, {aside} an unrelated subject whose opinion ({opp}) must be
@@ -90,8 +197,11 @@ def _review(rng: random.Random, label: int) -> str:
     same, other = (_POSITIVE, _NEGATIVE) if label == 1 else (_NEGATIVE, _POSITIVE)
     template = rng.choice(_TEMPLATES)
     return template.format(
-        thing=rng.choice(_THINGS), adj=rng.choice(same), opp=rng.choice(other),
-        adv=rng.choice(_ADVERBS), aside=rng.choice(_ASIDES),
+        thing=rng.choice(_THINGS),
+        adj=rng.choice(same),
+        opp=rng.choice(other),
+        adv=rng.choice(_ADVERBS),
+        aside=rng.choice(_ASIDES),
     )
 
 
@@ -120,9 +230,15 @@ def _record_kind(record: object, where: str) -> TaskKind:
     if isinstance(record.get("text"), str) and "label" in record and isinstance(record["label"], (int, str)):
         return "classification"
     # An empty completion would leave nothing to learn (and a loss over no tokens).
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str) and record["completion"]:
+    if (
+        isinstance(record.get("prompt"), str)
+        and isinstance(record.get("completion"), str)
+        and record["completion"]
+    ):
         return "causal-lm"
-    raise UsageError(f'{where}: expected {{"text": str, "label": int|str}} or {{"prompt": str, "completion": str}}')
+    raise UsageError(
+        f'{where}: expected {{"text": str, "label": int|str}} or {{"prompt": str, "completion": str}}'
+    )
 
 
 def load_jsonl(path: str | Path, seed: int = 0) -> Task:
@@ -152,15 +268,23 @@ def load_jsonl(path: str | Path, seed: int = 0) -> Task:
     if any("split" in r for r in records):
         bad = next((r["split"] for r in records if r.get("split") not in SPLITS), None)
         if bad is not None or not all("split" in r for r in records):
-            raise UsageError(f'{path}: "split" must be one of {", ".join(SPLITS)} on every record, got {bad!r}')
+            raise UsageError(
+                f'{path}: "split" must be one of {", ".join(SPLITS)} on every record, got {bad!r}'
+            )
         splits = {s: [r for r in records if r["split"] == s] for s in SPLITS}
     else:
         if len(records) < len(SPLITS):
-            raise UsageError(f'{path}: {len(records)} record(s); a file without "split" fields needs at least {len(SPLITS)}')
+            raise UsageError(
+                f'{path}: {len(records)} record(s); a file without "split" fields needs at least {len(SPLITS)}'
+            )
         random.Random(seed).shuffle(records)
         n_val = n_test = max(1, len(records) // 10)
         n_train = len(records) - n_val - n_test
-        splits = {"train": records[:n_train], "validation": records[n_train:n_train + n_val], "test": records[n_train + n_val:]}
+        splits = {
+            "train": records[:n_train],
+            "validation": records[n_train : n_train + n_val],
+            "test": records[n_train + n_val :],
+        }
     empty = [s for s in SPLITS if not splits[s]]
     if empty:
         raise UsageError(f"{path}: no records in the {'/'.join(empty)} split")

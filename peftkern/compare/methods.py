@@ -13,8 +13,8 @@ A method whose peftkern module is not in this build (its `requires`), or that ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -63,8 +63,11 @@ def _head_only(model: nn.Module) -> None:
 
 
 def _lora(model: nn.Module) -> None:
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
+    ]
     if not targets:
         raise UsageError(f"lora: the model has no linear layer named {'/'.join(LORA_TARGETS)} to adapt")
     for name, linear in targets:
@@ -87,9 +90,13 @@ def _injected(name: str, inject: Callable[[nn.Module], object]) -> Callable[[nn.
 
 
 _houlsby = _injected("houlsby", lambda model: peftkern.inject_adapters(model, "houlsby", init=ADAPTER_INIT))
-_pfeiffer = _injected("pfeiffer", lambda model: peftkern.inject_adapters(model, "pfeiffer", init=ADAPTER_INIT))
+_pfeiffer = _injected(
+    "pfeiffer", lambda model: peftkern.inject_adapters(model, "pfeiffer", init=ADAPTER_INIT)
+)
 _prefix = _injected("prefix", lambda model: peftkern.inject_prefix(model, PREFIX_TOKENS))
-_prefix_mlp = _injected("prefix-mlp", lambda model: peftkern.inject_prefix(model, PREFIX_TOKENS, projection_hidden=PREFIX_HIDDEN))
+_prefix_mlp = _injected(
+    "prefix-mlp", lambda model: peftkern.inject_prefix(model, PREFIX_TOKENS, projection_hidden=PREFIX_HIDDEN)
+)
 
 
 METHODS: dict[str, Method] = {}
@@ -124,10 +131,54 @@ def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
 
 # The floor first, then by growing trainable share. Head-only has no meaning for a causal LM,
 # whose head is the (often tied) token embedding.
-register(Method("head-only", "train the new task head only (the floor)", 5e-3, _head_only, kinds=("classification",)))
-register(Method("lora", f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)", 2e-3, _lora, ("LoRALinear",)))
-register(Method("houlsby", "Houlsby adapters after attention and FFN (peftkern.inject_adapters)", 1e-3, _houlsby, ("BottleneckAdapter",)))
-register(Method("pfeiffer", "Pfeiffer adapters after the FFN (peftkern.inject_adapters)", 1e-3, _pfeiffer, ("BottleneckAdapter",)))
-register(Method("prefix", f"prefix tuning, {PREFIX_TOKENS} rows per layer trained directly (peftkern.inject_prefix)", 5e-3, _prefix, ("PrefixEncoder",)))
-register(Method("prefix-mlp", f"prefix tuning with an MLP reparameterisation, hidden {PREFIX_HIDDEN} (peftkern.inject_prefix)", 1e-3, _prefix_mlp, ("PrefixEncoder",)))
+register(
+    Method(
+        "head-only", "train the new task head only (the floor)", 5e-3, _head_only, kinds=("classification",)
+    )
+)
+register(
+    Method(
+        "lora",
+        f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)",
+        2e-3,
+        _lora,
+        ("LoRALinear",),
+    )
+)
+register(
+    Method(
+        "houlsby",
+        "Houlsby adapters after attention and FFN (peftkern.inject_adapters)",
+        1e-3,
+        _houlsby,
+        ("BottleneckAdapter",),
+    )
+)
+register(
+    Method(
+        "pfeiffer",
+        "Pfeiffer adapters after the FFN (peftkern.inject_adapters)",
+        1e-3,
+        _pfeiffer,
+        ("BottleneckAdapter",),
+    )
+)
+register(
+    Method(
+        "prefix",
+        f"prefix tuning, {PREFIX_TOKENS} rows per layer trained directly (peftkern.inject_prefix)",
+        5e-3,
+        _prefix,
+        ("PrefixEncoder",),
+    )
+)
+register(
+    Method(
+        "prefix-mlp",
+        f"prefix tuning with an MLP reparameterisation, hidden {PREFIX_HIDDEN} (peftkern.inject_prefix)",
+        1e-3,
+        _prefix_mlp,
+        ("PrefixEncoder",),
+    )
+)
 register(Method("full", "full fine-tuning of every parameter", 1e-4, _full))

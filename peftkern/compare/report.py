@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from peftkern.compare.train import MethodResult
 
@@ -18,8 +18,10 @@ def _count(n: int) -> str:
 def format_table(results: Sequence[MethodResult], title: str) -> str:
     """Fixed-width table; the memory column's header says what it measures."""
     memory = results[0].memory_metric if results else ""
-    header = (f"{'method':<11} {'trainable':>10} {'share':>8} {'lr':>8} {'ms/step':>9} {'memory MiB':>10} "
-              f"{'val acc':>8} {'test acc':>8} {'epochs (best)':>14}")
+    header = (
+        f"{'method':<11} {'trainable':>10} {'share':>8} {'lr':>8} {'ms/step':>9} {'memory MiB':>10} "
+        f"{'val acc':>8} {'test acc':>8} {'epochs (best)':>14}"
+    )
     lines = [title, header, "-" * len(header)]
     for r in results:
         stop = " early" if r.stopped_early else ""
@@ -28,7 +30,9 @@ def format_table(results: Sequence[MethodResult], title: str) -> str:
             f"{r.memory_bytes / 2**20:10.1f} {r.val_accuracy:8.3f} {r.test_accuracy:8.3f} "
             f"{f'{r.epochs_run} ({r.best_epoch}){stop}':>14}"
         )
-    lines.append(f"memory: {memory}; ms/step: median training step; accuracy of the best epoch (lowest validation loss)")
+    lines.append(
+        f"memory: {memory}; ms/step: median training step; accuracy of the best epoch (lowest validation loss)"
+    )
     return "\n".join(lines)
 
 

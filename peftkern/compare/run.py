@@ -11,7 +11,13 @@ import peftkern
 from peftkern.benchmarking.harness import machine_description
 from peftkern.compare import data, methods, report
 from peftkern.compare.batches import encode
-from peftkern.compare.model import DEFAULT_MODEL_NAME, check_checkpoint, default_model_path, load_model, load_tokenizer
+from peftkern.compare.model import (
+    DEFAULT_MODEL_NAME,
+    check_checkpoint,
+    default_model_path,
+    load_model,
+    load_tokenizer,
+)
 from peftkern.compare.train import MethodResult, TrainConfig, train_method
 from peftkern.errors import UsageError
 
@@ -62,20 +68,33 @@ def run(config: CompareConfig) -> Comparison:
         # The same seed for every method: the same head initialisation and batch order.
         torch.manual_seed(config.train.seed)
         loaded = load_model(model_path, task, tokenizer.pad_token_id)
-        results.append(train_method(method, loaded.model, loaded.head, splits, task.kind, config.train, device))
+        results.append(
+            train_method(method, loaded.model, loaded.head, splits, task.kind, config.train, device)
+        )
         del loaded  # before the next copy is loaded, so that two never coexist
 
     sizes = "/".join(str(len(task.split(s))) for s in data.SPLITS)
     model_name = Path(model_path).name if config.model else DEFAULT_MODEL_NAME
-    title = (f"{model_name} on {task.name} ({task.kind}, train/val/test {sizes}); "
-             f"{machine_description(device)}; torch {torch.__version__}; peftkern {peftkern.__version__}")
+    title = (
+        f"{model_name} on {task.name} ({task.kind}, train/val/test {sizes}); "
+        f"{machine_description(device)}; torch {torch.__version__}; peftkern {peftkern.__version__}"
+    )
     files = [out / "compare.csv", out / "compare.json"]
     report.write_csv(results, files[0])
-    report.write_json(results, files[1], {
-        "title": title, "model": model_path, "task": task.name, "kind": task.kind,
-        "labels": task.labels, "split_sizes": dict(zip(data.SPLITS, map(int, sizes.split("/")))),
-        "device": str(device), "config": {"max_length": config.max_length, **asdict(config.train)},
-    })
+    report.write_json(
+        results,
+        files[1],
+        {
+            "title": title,
+            "model": model_path,
+            "task": task.name,
+            "kind": task.kind,
+            "labels": task.labels,
+            "split_sizes": dict(zip(data.SPLITS, map(int, sizes.split("/")))),
+            "device": str(device),
+            "config": {"max_length": config.max_length, **asdict(config.train)},
+        },
+    )
     if report.write_plot(results, out / "compare.png", f"{model_name} on {task.name}"):
         files.append(out / "compare.png")
     return Comparison(title, results, files)

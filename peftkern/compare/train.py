@@ -14,8 +14,8 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,9 @@ def loss_and_hits(model: nn.Module, batch: dict[str, Tensor], kind: TaskKind) ->
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: dict[str, Tensor], kind: TaskKind, batch_size: int) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: dict[str, Tensor], kind: TaskKind, batch_size: int
+) -> tuple[float, float]:
     """(mean loss per prediction, accuracy) over a split, in eval mode."""
     model.eval()
     total_loss, hits, count = 0.0, 0, 0
@@ -114,7 +116,9 @@ class _Progress:
         except ImportError:
             self.bar = None
         else:
-            self.bar = tqdm(total=total, desc=label, unit="step", leave=False, disable=not enabled, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, desc=label, unit="step", leave=False, disable=not enabled, file=sys.stderr
+            )
 
     def update(self, note: str) -> None:
         self.done += 1
@@ -122,7 +126,9 @@ class _Progress:
             self.bar.set_postfix_str(note, refresh=False)
             self.bar.update()
         elif self.enabled:
-            print(f"\r{self.label}: {self.done}/{self.total} steps {note}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.label}: {self.done}/{self.total} steps {note}", end="", file=sys.stderr, flush=True
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -187,7 +193,9 @@ def train_method(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = _optimizer(trainable, method.lr, config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, config.warmup_fraction))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, config.warmup_fraction)
+    )
 
     meter = _MemoryMeter(model, device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -232,9 +240,19 @@ def train_method(
     # The first step pays for allocation and lazy initialisation; it is not typical.
     typical = step_times[1:] or step_times
     return MethodResult(
-        method=method.name, trainable_params=n_trainable, total_params=total,
-        trainable_pct=100.0 * n_trainable / total, lr=method.lr, steps=step,
-        step_ms=1e3 * statistics.median(typical), memory_bytes=meter.result(), memory_metric=meter.metric,
-        val_loss=best[0], val_accuracy=best[1], test_accuracy=test_acc,
-        best_epoch=best[2], epochs_run=epochs_run, stopped_early=stopped_early,
+        method=method.name,
+        trainable_params=n_trainable,
+        total_params=total,
+        trainable_pct=100.0 * n_trainable / total,
+        lr=method.lr,
+        steps=step,
+        step_ms=1e3 * statistics.median(typical),
+        memory_bytes=meter.result(),
+        memory_metric=meter.metric,
+        val_loss=best[0],
+        val_accuracy=best[1],
+        test_accuracy=test_acc,
+        best_epoch=best[2],
+        epochs_run=epochs_run,
+        stopped_early=stopped_early,
     )

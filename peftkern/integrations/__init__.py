@@ -12,8 +12,15 @@ from peftkern.integrations.peft_format import AdapterFormatError, load_adapter, 
 from peftkern.integrations.peft_patch import PatchReport, patch_peft, unpatch_peft
 
 __all__ = [
-    "AdapterFormatError", "LoRASummary", "PatchReport", "inject_lora", "load_adapter",
-    "merge_and_unload", "patch_peft", "save_adapter", "unpatch_peft",
+    "AdapterFormatError",
+    "LoRASummary",
+    "PatchReport",
+    "inject_lora",
+    "load_adapter",
+    "merge_and_unload",
+    "patch_peft",
+    "save_adapter",
+    "unpatch_peft",
 ]
 
 from peftkern.integrations.adapters import AdapterSummary, inject_adapters  # noqa: E402

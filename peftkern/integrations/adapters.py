@@ -51,8 +51,10 @@ def _after_output_hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
 
 
 def _is_post_ln_block(module: Any) -> bool:
-    return all(isinstance(getattr(module, a, None), m) for a, m in
-               (("dense", nn.Linear), ("dropout", nn.Dropout), ("LayerNorm", nn.LayerNorm)))
+    return all(
+        isinstance(getattr(module, a, None), m)
+        for a, m in (("dense", nn.Linear), ("dropout", nn.Dropout), ("LayerNorm", nn.LayerNorm))
+    )
 
 
 def _bert_blocks(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -71,7 +73,9 @@ def _llama_blocks(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     blocks = []
     for name, layer in model.named_modules():
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+        if isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(
+            getattr(mlp, "down_proj", None), nn.Linear
+        ):
             blocks.append((f"{name}.self_attn", "attention_output", attn))
             blocks.append((f"{name}.mlp", "ffn_output", mlp))
     return blocks
@@ -84,10 +88,14 @@ def _output_linear(owner: nn.Module, position: str, post_ln: bool) -> nn.Linear:
     return owner.o_proj if position == "attention_output" else owner.down_proj
 
 
-def _resolve(config: Layout | AdapterConfig, reduction_factor: float | None, init: str | None) -> tuple[AdapterConfig, Layout]:
+def _resolve(
+    config: Layout | AdapterConfig, reduction_factor: float | None, init: str | None
+) -> tuple[AdapterConfig, Layout]:
     if isinstance(config, str):
         if config not in _CONFIGS:
-            raise ValueError(f"peftkern: inject_adapters config must be 'houlsby', 'pfeiffer' or an AdapterConfig, got {config!r}")
+            raise ValueError(
+                f"peftkern: inject_adapters config must be 'houlsby', 'pfeiffer' or an AdapterConfig, got {config!r}"
+            )
         layout: Layout = config
         config = _CONFIGS[config]
     elif isinstance(config, AdapterConfig):
@@ -95,7 +103,10 @@ def _resolve(config: Layout | AdapterConfig, reduction_factor: float | None, ini
         # positions (after the FFN only), Houlsby's otherwise.
         layout = "pfeiffer" if tuple(config.positions) == ("ffn_output",) else "houlsby"
     else:
-        raise ValueError(f"peftkern: inject_adapters config must be 'houlsby', 'pfeiffer' or an AdapterConfig, got {type(config).__name__}")
+        raise ValueError(
+            "peftkern: inject_adapters config must be 'houlsby', 'pfeiffer' or an AdapterConfig, "
+            f"got {type(config).__name__}"
+        )
     changes = {k: v for k, v in (("reduction_factor", reduction_factor), ("init", init)) if v is not None}
     return dataclasses.replace(config, **changes), layout
 
@@ -130,14 +141,21 @@ def inject_adapters(
             "(layers with self_attn.o_proj and mlp.down_proj)"
         )
     if any(hasattr(owner, "adapter") for _, _, owner in blocks):
-        raise ValueError("peftkern: inject_adapters: the model already has adapters (a block has an `adapter` child)")
+        raise ValueError(
+            "peftkern: inject_adapters: the model already has adapters (a block has an `adapter` child)"
+        )
     # Build every adapter before changing the model, so a bad argument leaves it untouched.
     # One build_layer per transformer layer: the config decides which positions get one.
     chosen: list[tuple[str, nn.Module, nn.Linear, BottleneckAdapter]] = []
     for start in range(0, len(blocks), 2):
-        layer = {position: (name, owner, _output_linear(owner, position, post_ln)) for name, position, owner in blocks[start:start + 2]}
+        layer = {
+            position: (name, owner, _output_linear(owner, position, post_ln))
+            for name, position, owner in blocks[start : start + 2]
+        }
         weight = layer["ffn_output"][2].weight
-        built = config.build_layer(weight.shape[0], device=weight.device, dtype=weight.dtype, **adapter_kwargs)
+        built = config.build_layer(
+            weight.shape[0], device=weight.device, dtype=weight.dtype, **adapter_kwargs
+        )
         chosen += [(*layer[position], adapter) for position, adapter in built.items()]
     model.requires_grad_(False)
     forward = _pfeiffer_forward if layout == "pfeiffer" else _houlsby_forward

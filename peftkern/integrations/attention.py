@@ -30,11 +30,15 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     get_base_model = getattr(model, "get_base_model", None)
     base = get_base_model() if callable(get_base_model) else model
     if getattr(base, "config", None) is None or not hasattr(base, "set_attn_implementation"):
-        raise ValueError(f"peftkern: {WHO} needs a transformers PreTrainedModel (or a peft model of one), got {type(base).__name__}")
+        raise ValueError(
+            f"peftkern: {WHO} needs a transformers PreTrainedModel (or a peft model of one), got {type(base).__name__}"
+        )
     return base
 
 
-def _not_covered(module: nn.Module, query: Tensor, key: Tensor, dropout: float, kwargs: dict[str, Any]) -> bool:
+def _not_covered(
+    module: nn.Module, query: Tensor, key: Tensor, dropout: float, kwargs: dict[str, Any]
+) -> bool:
     """Calls that go to SDPA: what the kernel does not do, and where SDPA is the faster one."""
     return (
         query.device.type != "cpu"  # GPUs: SDPA's fused kernels
@@ -64,10 +68,14 @@ def peftkern_attention(
     if not _not_covered(module, query, key, dropout, kwargs):
         empty = query.new_empty(key.shape[1], 0, key.shape[3])
         try:
-            return attend_with_prefix(module, query, key, value, attention_mask, empty, empty, scaling, kwargs, who=WHO)
+            return attend_with_prefix(
+                module, query, key, value, attention_mask, empty, empty, scaling, kwargs, who=WHO
+            )
         except ValueError:
             pass  # a mask that is not padding (+ the causal triangle): SDPA takes it as it is
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 def use_peftkern_attention(model: nn.Module) -> bool:

@@ -4,7 +4,7 @@ use_peftkern_attention)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def register_attention(name: str, function: Callable) -> None:

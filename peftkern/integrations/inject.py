@@ -37,8 +37,12 @@ def replace_with_lora(
     # Build every layer before swapping any, so a bad r or dropout leaves the model unchanged.
     layers = {
         name: LoRALinear.from_linear(
-            model.get_submodule(name), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+            model.get_submodule(name),
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
         )
         for name in names
     }
@@ -70,7 +74,12 @@ def inject_lora(
     """
     names = select_linear_targets(model, target_modules)
     replace_with_lora(
-        model, names, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        model,
+        names,
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
         adapter_dtype=adapter_dtype,
     )
     trainable, total = count_parameters(model)

@@ -12,8 +12,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,22 @@ _FACTORS = ("lora_A", "lora_B")
 # Config fields that mean something peftkern's LoRALinear does not compute; a file that sets
 # any of them is refused rather than loaded into a model that would then be silently wrong.
 _UNSUPPORTED = (
-    "use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-    "layer_replication", "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
-    "arrow_config", "velora_config", "monteclora_config", "kasa_config", "target_parameters",
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "trainable_token_indices",
+    "use_qalora",
+    "use_bdlora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "velora_config",
+    "monteclora_config",
+    "kasa_config",
+    "target_parameters",
 )
 
 
@@ -71,7 +85,9 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def _shared_setting(layers: dict[str, LoRALinear], attr: str) -> Any:
     values = {getattr(layer, attr) for layer in layers.values()}
     if len(values) != 1:
-        raise ValueError(f"peftkern: save_adapter needs one {attr} for all LoRA layers, found {sorted(values)}")
+        raise ValueError(
+            f"peftkern: save_adapter needs one {attr} for all LoRA layers, found {sorted(values)}"
+        )
     return values.pop()
 
 
@@ -88,7 +104,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     directory at `path`, loadable with ``PeftModel.from_pretrained(base_model, path)``."""
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError(f"peftkern: save_adapter: model {type(model).__name__} has no LoRALinear layers (call inject_lora first)")
+        raise ValueError(
+            f"peftkern: save_adapter: model {type(model).__name__} has no LoRALinear layers (call inject_lora first)"
+        )
     if any(layer.merged for layer in layers.values()):
         raise ValueError("peftkern: save_adapter: some LoRA layers are merged; unmerge them first")
     names = list(layers)
@@ -120,7 +138,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     st = _safetensors()
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    _atomic_write(
+        directory / CONFIG_NAME,
+        lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    )
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -132,18 +153,26 @@ def _read_config(directory: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"peftkern: load_adapter: {file} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"peftkern: load_adapter: {file} holds a {type(config).__name__}, not a JSON object")
+        raise AdapterFormatError(
+            f"peftkern: load_adapter: {file} holds a {type(config).__name__}, not a JSON object"
+        )
     if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"peftkern: load_adapter: {file} has peft_type={config.get('peft_type')!r}; only 'LORA' is supported")
+        raise AdapterFormatError(
+            f"peftkern: load_adapter: {file} has peft_type={config.get('peft_type')!r}; only 'LORA' is supported"
+        )
     unsupported = [k for k in _UNSUPPORTED if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
-        raise AdapterFormatError(f"peftkern: load_adapter: {file} uses settings peftkern's LoRA does not support: {', '.join(unsupported)}")
+        raise AdapterFormatError(
+            f"peftkern: load_adapter: {file} uses settings peftkern's LoRA does not support: {', '.join(unsupported)}"
+        )
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         value = config.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or value <= 0:
-            raise AdapterFormatError(f"peftkern: load_adapter: {file} has {key}={value!r}; expected a positive number")
+            raise AdapterFormatError(
+                f"peftkern: load_adapter: {file} has {key}={value!r}; expected a positive number"
+            )
     return config
 
 
@@ -155,21 +184,30 @@ def _read_weights(directory: Path) -> dict[str, dict[str, Tensor]]:
     try:
         tensors = _safetensors().load_file(str(file))
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise AdapterFormatError(f"peftkern: load_adapter: {file} is not a readable safetensors file: {exc}") from exc
+        raise AdapterFormatError(
+            f"peftkern: load_adapter: {file} is not a readable safetensors file: {exc}"
+        ) from exc
     layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         stem, _, suffix = key.rpartition(".")
         module_path, _, factor = stem.rpartition(".")
         if not key.startswith(_PREFIX) or suffix != "weight" or factor not in _FACTORS:
-            raise AdapterFormatError(f"peftkern: load_adapter: {file} has key {key!r}, not of the form {_PREFIX}<module>.lora_A|lora_B.weight")
-        layers.setdefault(module_path[len(_PREFIX):], {})[factor] = tensor
+            raise AdapterFormatError(
+                f"peftkern: load_adapter: {file} has key {key!r}, "
+                f"not of the form {_PREFIX}<module>.lora_A|lora_B.weight"
+            )
+        layers.setdefault(module_path[len(_PREFIX) :], {})[factor] = tensor
     incomplete = [name for name, factors in layers.items() if len(factors) != 2]
     if incomplete or not layers:
-        raise AdapterFormatError(f"peftkern: load_adapter: {file} lacks lora_A or lora_B for: {incomplete or '(every layer)'}")
+        raise AdapterFormatError(
+            f"peftkern: load_adapter: {file} lacks lora_A or lora_B for: {incomplete or '(every layer)'}"
+        )
     return layers
 
 
-def _check_fits(model: nn.Module, weights: dict[str, dict[str, Tensor]], config: dict[str, Any], where: Path) -> None:
+def _check_fits(
+    model: nn.Module, weights: dict[str, dict[str, Tensor]], config: dict[str, Any], where: Path
+) -> None:
     """Every tensor has a module of the right shape to go to, and the scaling agrees."""
     r = config["r"]
     scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
@@ -177,9 +215,13 @@ def _check_fits(model: nn.Module, weights: dict[str, dict[str, Tensor]], config:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise AdapterFormatError(f"peftkern: load_adapter: {where} has weights for {name!r}, which {type(model).__name__} lacks") from None
+            raise AdapterFormatError(
+                f"peftkern: load_adapter: {where} has weights for {name!r}, which {type(model).__name__} lacks"
+            ) from None
         if not (isinstance(module, LoRALinear) or is_plain_linear(module)):
-            raise AdapterFormatError(f"peftkern: load_adapter: {where} has weights for {name!r}, a {type(module).__name__}, not nn.Linear")
+            raise AdapterFormatError(
+                f"peftkern: load_adapter: {where} has weights for {name!r}, a {type(module).__name__}, not nn.Linear"
+            )
         expected = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
         for factor, tensor in factors.items():
             if tuple(tensor.shape) != expected[factor] or not tensor.is_floating_point():
@@ -215,8 +257,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     to_inject = [n for n in weights if not isinstance(model.get_submodule(n), LoRALinear)]
     if to_inject:
         replace_with_lora(
-            model, to_inject, r=config["r"], lora_alpha=config["lora_alpha"],
-            lora_dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
+            model,
+            to_inject,
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=float(config.get("lora_dropout") or 0.0),
+            use_rslora=bool(config.get("use_rslora")),
         )
     for name, factors in weights.items():
         layer = model.get_submodule(name)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkern.functional import lora_linear
+from peftkern.functional import autocast_enabled, lora_linear
 from peftkern.integrations import peft_patch_prefix
 
 
@@ -57,7 +57,7 @@ def _peft_lora_linear_class() -> type:
 
 
 def _is_lora_layer(module: nn.Module) -> bool:
-    return hasattr(module, "lora_A") and isinstance(getattr(module, "lora_A"), nn.ModuleDict)
+    return hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict)
 
 
 def _static_reason(module: nn.Module, linear_cls: type) -> str | None:
@@ -65,7 +65,10 @@ def _static_reason(module: nn.Module, linear_cls: type) -> str | None:
     if type(module) is not linear_cls:
         # peft's quantized (bnb, gptq, ...) and Conv/Embedding LoRA layers are subclasses or
         # siblings of LoraLayer with their own forward.
-        return f"{type(module).__module__}.{type(module).__name__} is not peft's plain LoRA Linear (quantized or non-Linear base)"
+        return (
+            f"{type(module).__module__}.{type(module).__name__} is not peft's plain LoRA Linear "
+            "(quantized or non-Linear base)"
+        )
     base = module.base_layer  # what the fused forward reads the weight and bias from
     if type(base) is not nn.Linear:
         return f"base layer is a {type(base).__name__}, not nn.Linear"
@@ -109,8 +112,7 @@ def _operands(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | No
 
 
 def _autocast_on(x: Tensor) -> bool:
-    device_type = x.device.type
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return autocast_enabled(x.device.type)
 
 
 def _argument_reason(args: tuple, kwargs: dict) -> str | None:
@@ -126,7 +128,9 @@ def _dtype_reason(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> 
         return "input and base weight, or lora_A and lora_B, differ in dtype"
     # peft keeps adapters of a float16/bfloat16 model in float32 by default
     # (autocast_adapter_dtype=True); the fused op takes exactly that combination.
-    if lora_A.dtype != x.dtype and not (lora_A.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+    if lora_A.dtype != x.dtype and not (
+        lora_A.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+    ):
         return f"LoRA weights in {lora_A.dtype} with input in {x.dtype}"
     return None
 
@@ -149,7 +153,9 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     name = self.active_adapters[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return lora_linear(x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True)
+    return lora_linear(
+        x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True
+    )
 
 
 def _is_patched(module: nn.Module) -> bool:

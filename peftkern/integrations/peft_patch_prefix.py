@@ -64,14 +64,20 @@ def _attention(
     if rows is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout > 0.0:
         # The patched forward hands training with attention dropout to peft; this is a bug.
         raise RuntimeError(f"peftkern: {WHO}: attention dropout {dropout} reached the prefix attention")
     if kwargs.get("sliding_window") is not None:
         raise RuntimeError(f"peftkern: {WHO}: sliding-window attention reached the prefix attention")
-    prefix_k, prefix_v = (t.to(query.device) for t in rows[module.layer_idx])  # layers may sit on other devices
-    return attend_with_prefix(module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO)
+    prefix_k, prefix_v = (
+        t.to(query.device) for t in rows[module.layer_idx]
+    )  # layers may sit on other devices
+    return attend_with_prefix(
+        module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO
+    )
 
 
 def _peft_classes() -> tuple[type, Any]:
@@ -86,7 +92,9 @@ def _peft_classes() -> tuple[type, Any]:
 def is_prompt_learning(peft_model: nn.Module) -> bool:
     """Whether patch_peft should hand `peft_model` to this module (a peft prompt-learning model)."""
     configs = getattr(peft_model, "peft_config", None)
-    return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
+    return isinstance(configs, dict) and any(
+        getattr(c, "is_prompt_learning", False) for c in configs.values()
+    )
 
 
 def report_key(peft_model: nn.Module) -> str:
@@ -96,12 +104,17 @@ def report_key(peft_model: nn.Module) -> str:
 
 def _attention_layers(base: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]] | str:
     found = [
-        (name, m) for name, m in base.named_modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and isinstance(getattr(m, "q_proj", None), nn.Module)
+        (name, m)
+        for name, m in base.named_modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and isinstance(getattr(m, "q_proj", None), nn.Module)
     ]
     indices = sorted(m.layer_idx for _, m in found)
     if indices != list(range(num_layers)):
-        return f"expected one self-attention module (q_proj, layer_idx) per layer 0..{num_layers - 1}, found layer indices {indices}"
+        return (
+            f"expected one self-attention module (q_proj, layer_idx) per layer 0..{num_layers - 1}, "
+            f"found layer indices {indices}"
+        )
     return found
 
 
@@ -115,7 +128,10 @@ def _static_reason(peft_model: nn.Module) -> str | None:
     if config.peft_type != peft_type.PREFIX_TUNING:
         return f"peft type {config.peft_type.value} (peftkern covers LoRA and prefix tuning)"
     if type(peft_model) is not causal_lm_cls:
-        return f"{type(peft_model).__name__} (task {config.task_type}); peftkern covers prefix tuning of CAUSAL_LM models (PeftModelForCausalLM)"
+        return (
+            f"{type(peft_model).__name__} (task {config.task_type}); "
+            "peftkern covers prefix tuning of CAUSAL_LM models (PeftModelForCausalLM)"
+        )
     if config.num_transformer_submodules != 1:
         return f"num_transformer_submodules={config.num_transformer_submodules} (encoder-decoder)"
     base = peft_model.get_base_model()
@@ -125,7 +141,10 @@ def _static_reason(peft_model: nn.Module) -> str | None:
         return f"model type {model_type!r} (peftkern's prefix path is verified for {', '.join(COVERED_MODEL_TYPES)})"
     implementation = model_config._attn_implementation
     if implementation != ORIGINAL_ATTENTION:
-        return f"attention implementation {implementation!r} (peftkern's prefix path takes over from {ORIGINAL_ATTENTION!r} only)"
+        return (
+            f"attention implementation {implementation!r} "
+            f"(peftkern's prefix path takes over from {ORIGINAL_ATTENTION!r} only)"
+        )
     window = getattr(model_config, "sliding_window", None)
     if window is not None and getattr(model_config, "use_sliding_window", True):
         return f"sliding-window attention (sliding_window={window}): the prefix would leave the window"
@@ -133,7 +152,10 @@ def _static_reason(peft_model: nn.Module) -> str | None:
         return f"layer types {sorted(set(model_config.layer_types))} (not all full attention)"
     num_layers = model_config.num_hidden_layers
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    head_dim = (
+        getattr(model_config, "head_dim", None)
+        or model_config.hidden_size // model_config.num_attention_heads
+    )
     heads = config.num_attention_heads
     if (config.num_layers, heads, config.token_dim) != (num_layers, num_kv_heads, num_kv_heads * head_dim):
         return (
@@ -146,7 +168,9 @@ def _static_reason(peft_model: nn.Module) -> str | None:
     return None
 
 
-def _call_reason(model: nn.Module, attention_mask: Tensor | None, output_attentions: bool | None, kwargs: dict) -> str | None:
+def _call_reason(
+    model: nn.Module, attention_mask: Tensor | None, output_attentions: bool | None, kwargs: dict
+) -> str | None:
     """Why this call must go to peft's forward."""
     if len(model.peft_config) != 1 or model.active_adapter != model.__dict__["_peftkern_prefix_adapter"]:
         return "the adapters changed since patching (peftkern covers exactly one prefix-tuning adapter)"
@@ -182,7 +206,9 @@ def prefix_rows(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     dtype = model.base_model_torch_dtype
     if dtype is not None:
         flat = flat.to(dtype)
-    rows = flat.view(m, layers * 2, heads, config.token_dim // heads).permute(1, 2, 0, 3)  # [2·layers, H, m, d]
+    rows = flat.view(m, layers * 2, heads, config.token_dim // heads).permute(
+        1, 2, 0, 3
+    )  # [2·layers, H, m, d]
     return [(rows[2 * layer], rows[2 * layer + 1]) for layer in range(layers)]
 
 
@@ -204,9 +230,16 @@ def _prefix_forward(
         # filter shows each reason once.
         warnings.warn(f"peftkern: a patched prefix-tuning model runs peft's forward: {reason}", stacklevel=2)
         return type(self).forward(
-            self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-            task_ids=task_ids, **kwargs,
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            task_ids=task_ids,
+            **kwargs,
         )
     config = self.active_peft_config
     tokens = input_ids if input_ids is not None else inputs_embeds
@@ -221,9 +254,15 @@ def _prefix_forward(
     kwargs.pop("use_cache", None)
     kwargs[ROWS_KWARG] = prefix_rows(self)
     return self.base_model(
-        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        use_cache=False, **kwargs,
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        labels=labels,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        return_dict=return_dict,
+        use_cache=False,
+        **kwargs,
     )
 
 
@@ -239,7 +278,9 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
         report.patched += peft_model.__dict__["_peftkern_prefix_layers"]
         return
     if "forward" in peft_model.__dict__:
-        report.skipped[report_key(peft_model)] = "forward already replaced on the instance (e.g. inside disable_adapter)"
+        report.skipped[report_key(peft_model)] = (
+            "forward already replaced on the instance (e.g. inside disable_adapter)"
+        )
         return
     reason = _static_reason(peft_model)
     if reason is not None:
@@ -251,7 +292,9 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
     base.set_attn_implementation(ATTENTION_NAME)
     if base.config._attn_implementation != ATTENTION_NAME:
         base.set_attn_implementation(ORIGINAL_ATTENTION)
-        report.skipped[report_key(peft_model)] = f"{type(base).__name__} does not use transformers' attention interface"
+        report.skipped[report_key(peft_model)] = (
+            f"{type(base).__name__} does not use transformers' attention interface"
+        )
         return
     names = [f"base_model.{name}" for name, _ in layers]
     # Plain attributes (not modules or tensors): nothing enters the state_dict.

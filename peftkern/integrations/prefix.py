@@ -37,7 +37,7 @@ class _PrefixRows:
     def __init__(self) -> None:
         self.layers: list[tuple[Tensor, Tensor]] | None = None
 
-    def __deepcopy__(self, memo: dict) -> "_PrefixRows":
+    def __deepcopy__(self, memo: dict) -> _PrefixRows:
         # A copied model gets its own, empty holder (shared by its layers through the memo):
         # the rows of the last call are activations of the original, not state.
         return _PrefixRows()
@@ -57,7 +57,9 @@ class _ComputeRows:
         self.rows.layers = self.model.peftkern_prefix()
 
 
-def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int, who: str = "inject_prefix") -> Tensor | None:
+def _padding_mask(
+    attention_mask: Tensor | None, causal: bool, n: int, who: str = "inject_prefix"
+) -> Tensor | None:
     """transformers' 4-D mask [B, 1|H, n, n] (bool True = attend, or additive float) as
     peftkern's key padding mask [B, n] (True = keep). Only padding (plus the causal triangle
     when `causal`) can be expressed that way; any other pattern is refused rather than
@@ -66,8 +68,14 @@ def _padding_mask(attention_mask: Tensor | None, causal: bool, n: int, who: str 
     if attention_mask is None:
         return None
     if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (n, n):
-        raise ValueError(f"peftkern: {who}: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]")
-    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        raise ValueError(
+            f"peftkern: {who}: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]"
+        )
+    allowed = (
+        attention_mask
+        if attention_mask.dtype == torch.bool
+        else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    )
     keep = allowed.any(dim=1).any(dim=1)  # a key is padding when no query may attend to it
     expected = keep[:, None, None, :]
     if causal:
@@ -139,8 +147,14 @@ def attend_with_prefix(
     # As transformers' SDPA path: a call's is_causal wins, then the module's (decoders: True).
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     out = prefix_attention(
-        query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype), causal=causal,
-        key_padding_mask=_padding_mask(attention_mask, causal, n, who), scale=scaling,
+        query,
+        key,
+        value,
+        prefix_k.to(query.dtype),
+        prefix_v.to(query.dtype),
+        causal=causal,
+        key_padding_mask=_padding_mask(attention_mask, causal, n, who),
+        scale=scaling,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -148,7 +162,8 @@ def attend_with_prefix(
 def _attention_layers(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
     """The self-attention modules (they hold q/k/v projections and a layer_idx), one per layer."""
     found = [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if isinstance(getattr(m, "layer_idx", None), int)
         and any(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "query"))
     ]
@@ -180,9 +195,13 @@ def inject_prefix(
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ValueError(f"peftkern: inject_prefix needs a transformers PreTrainedModel, got {type(model).__name__}")
+        raise ValueError(
+            f"peftkern: inject_prefix needs a transformers PreTrainedModel, got {type(model).__name__}"
+        )
     if getattr(config, "add_cross_attention", False):
-        raise ValueError("peftkern: inject_prefix: models with cross-attention (add_cross_attention=True) are not supported")
+        raise ValueError(
+            "peftkern: inject_prefix: models with cross-attention (add_cross_attention=True) are not supported"
+        )
     if hasattr(model, "peftkern_prefix"):
         raise ValueError("peftkern: inject_prefix: the model already has a prefix (model.peftkern_prefix)")
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
@@ -192,13 +211,21 @@ def inject_prefix(
     weight = next(model.parameters())
     # Built first: a bad num_virtual_tokens or init leaves the model unchanged.
     encoder = PrefixEncoder(
-        num_layers, num_kv_heads, head_dim, num_virtual_tokens, projection_hidden, init,
-        device=weight.device, dtype=weight.dtype,
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        num_virtual_tokens,
+        projection_hidden,
+        init,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     register_attention(ATTENTION_NAME, peftkern_prefix_attention)
     model.set_attn_implementation(ATTENTION_NAME)
     if config._attn_implementation != ATTENTION_NAME:
-        raise ValueError(f"peftkern: inject_prefix: {type(model).__name__} does not use transformers' attention interface")
+        raise ValueError(
+            f"peftkern: inject_prefix: {type(model).__name__} does not use transformers' attention interface"
+        )
     model.requires_grad_(False)
     model.peftkern_prefix = encoder
     rows = _PrefixRows()

@@ -20,7 +20,7 @@ class InjectSummary:
     what: ClassVar[str] = "PEFT"  # the method's name in __str__; each subclass names its own
 
     @classmethod
-    def of(cls, model: nn.Module, replaced: list[str]) -> "InjectSummary":
+    def of(cls, model: nn.Module, replaced: list[str]) -> InjectSummary:
         """The summary of `model` as it is now (shared parameters counted once)."""
         trainable, total = count_trainable(model)
         return cls(trainable, total, replaced)

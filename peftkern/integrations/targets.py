@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from torch import nn
 
-TargetModules = Union[str, Sequence[str]]
+TargetModules = str | Sequence[str]
 
 
 def name_matches(name: str, target_modules: TargetModules) -> bool:
@@ -36,9 +36,13 @@ def select_linear_targets(model: nn.Module, target_modules: TargetModules) -> li
         try:
             re.compile(target_modules)
         except re.error as exc:
-            raise ValueError(f"peftkern: target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
+            raise ValueError(
+                f"peftkern: target_modules {target_modules!r} is not a valid regular expression: {exc}"
+            ) from exc
     elif not target_modules or not all(isinstance(t, str) for t in target_modules):
-        raise ValueError(f"peftkern: target_modules must be a regex str or a non-empty list of names, got {target_modules!r}")
+        raise ValueError(
+            f"peftkern: target_modules must be a regex str or a non-empty list of names, got {target_modules!r}"
+        )
     selected: list[str] = []
     for name, module in model.named_modules():
         if not name or not name_matches(name, target_modules):

@@ -50,7 +50,8 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"peftkern: hidden_size must be a positive int, got {hidden_size!r}")
         if not isinstance(bottleneck, int) or bottleneck <= 0:
             raise ValueError(
-                f"peftkern: bottleneck must be a positive int (or hidden_size // reduction_factor >= 1), got {bottleneck!r}"
+                "peftkern: bottleneck must be a positive int (or hidden_size // reduction_factor >= 1), "
+                f"got {bottleneck!r}"
             )
         if init not in ("bert", "houlsby", "zeros_up"):
             raise ValueError(f"peftkern: init must be 'bert', 'houlsby' or 'zeros_up', got {init!r}")
@@ -59,7 +60,9 @@ class BottleneckAdapter(nn.Module):
         from peftkern.reference import ADAPTER_ACTIVATIONS
 
         if activation not in (*ADAPTER_ACTIVATIONS, "swish"):
-            raise ValueError(f"peftkern: activation must be one of {ADAPTER_ACTIVATIONS} (or 'swish'), got {activation!r}")
+            raise ValueError(
+                f"peftkern: activation must be one of {ADAPTER_ACTIVATIONS} (or 'swish'), got {activation!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.hidden_size = hidden_size
         self.bottleneck = bottleneck
@@ -70,7 +73,9 @@ class BottleneckAdapter(nn.Module):
         self.b_down = nn.Parameter(torch.empty(bottleneck, **factory)) if bias else None
         self.b_up = nn.Parameter(torch.empty(hidden_size, **factory)) if bias else None
         if learned_scaling:
-            self.scaling: float | nn.Parameter = nn.Parameter(torch.full((hidden_size,), float(scaling), **factory))
+            self.scaling: float | nn.Parameter = nn.Parameter(
+                torch.full((hidden_size,), float(scaling), **factory)
+            )
         else:
             self.scaling = float(scaling)
         self.init = init
@@ -97,8 +102,14 @@ class BottleneckAdapter(nn.Module):
             residual = h if residual is None else residual
             h = nn.functional.dropout(h, self.dropout)
         return bottleneck_adapter(
-            h, self.w_down, self.b_down, self.w_up, self.b_up,
-            activation=self.activation, scaling=self.scaling, residual=residual,
+            h,
+            self.w_down,
+            self.b_down,
+            self.w_up,
+            self.b_up,
+            activation=self.activation,
+            scaling=self.scaling,
+            residual=residual,
         )
 
     def extra_repr(self) -> str:
@@ -134,21 +145,27 @@ class AdapterConfig:
     init: AdapterInit = "bert"
 
     @classmethod
-    def houlsby(cls, reduction_factor: float = 16) -> "AdapterConfig":
+    def houlsby(cls, reduction_factor: float = 16) -> AdapterConfig:
         return cls(("attention_output", "ffn_output"), "silu", reduction_factor)
 
     @classmethod
-    def pfeiffer(cls, reduction_factor: float = 16) -> "AdapterConfig":
+    def pfeiffer(cls, reduction_factor: float = 16) -> AdapterConfig:
         return cls(("ffn_output",), "relu", reduction_factor)
 
     def build_layer(self, hidden_size: int, **kwargs: object) -> nn.ModuleDict:
         """The adapters of one transformer layer, keyed by position."""
-        return nn.ModuleDict({
-            position: BottleneckAdapter(
-                hidden_size, reduction_factor=self.reduction_factor, activation=self.activation, init=self.init, **kwargs
-            )
-            for position in self.positions
-        })
+        return nn.ModuleDict(
+            {
+                position: BottleneckAdapter(
+                    hidden_size,
+                    reduction_factor=self.reduction_factor,
+                    activation=self.activation,
+                    init=self.init,
+                    **kwargs,
+                )
+                for position in self.positions
+            }
+        )
 
     def build(self, hidden_size: int, num_layers: int, **kwargs: object) -> nn.ModuleList:
         """The adapters of a whole model: one ``build_layer`` per transformer layer."""

@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
         init: LoRAInit = "kaiming",
         freeze_base: bool = True,
         adapter_dtype: torch.dtype | None = None,
-    ) -> "LoRALinear":
+    ) -> LoRALinear:
         """Wraps ``linear``: its weight and bias Parameters are shared, not copied."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"peftkern: from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -139,8 +139,11 @@ class LoRALinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """A new ``nn.Linear`` whose weight is ``W + s·B·A``; this layer is left as it is."""
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
         )
         linear.weight.copy_(self.weight if self.merged else self._weight_with_delta(+1.0))
         if self.bias is not None:
@@ -151,8 +154,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return nn.functional.linear(input, self.weight, self.bias)
         return lora_linear(
-            input, self.weight, self.lora_A, self.lora_B, bias=self.bias,
-            scaling=self.scaling, dropout=self.lora_dropout, training=self.training,
+            input,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            bias=self.bias,
+            scaling=self.scaling,
+            dropout=self.lora_dropout,
+            training=self.training,
         )
 
     def extra_repr(self) -> str:

@@ -40,7 +40,11 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         if init not in ("normal", "zeros"):
             raise ValueError(f"peftkern: init must be 'normal' or 'zeros', got {init!r}")
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        for name, value in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
             if value <= 0:
                 raise ValueError(f"peftkern: {name} must be > 0, got {value}")
         if num_virtual_tokens < 0:
@@ -51,7 +55,9 @@ class PrefixEncoder(nn.Module):
         factory = {"device": device, "dtype": dtype}
         width = num_kv_heads * head_dim
         if projection_hidden is None:
-            self.prefix = nn.Parameter(torch.empty(num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim, **factory))
+            self.prefix = nn.Parameter(
+                torch.empty(num_layers, 2, num_kv_heads, num_virtual_tokens, head_dim, **factory)
+            )
             self.embedding = self.projection = None
             if init == "normal":
                 nn.init.normal_(self.prefix)
@@ -82,7 +88,7 @@ class PrefixEncoder(nn.Module):
         return [(prefix[layer, 0], prefix[layer, 1]) for layer in range(self.num_layers)]
 
     @torch.no_grad()
-    def eject(self) -> "PrefixEncoder":
+    def eject(self) -> PrefixEncoder:
         """Replaces the reparameterisation MLP by the prefix it produces (same outputs, no MLP
         at inference). A no-op without a projection. Returns self."""
         if self.prefix is None:
@@ -135,9 +141,13 @@ class PrefixAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if hidden_size % num_heads != 0:
-            raise ValueError(f"peftkern: hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
+            raise ValueError(
+                f"peftkern: hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})"
+            )
         if num_heads % num_kv_heads != 0:
-            raise ValueError(f"peftkern: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+            raise ValueError(
+                f"peftkern: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         if rotary and self.head_dim % 2 != 0:
@@ -171,7 +181,13 @@ class PrefixAttention(nn.Module):
             positions = torch.arange(m, m + n, device=hidden.device)
             q, k = rotate(q, positions, self.rope_theta), rotate(k, positions, self.rope_theta)
         out = prefix_attention(
-            q, k, v, prefix_k.to(q.dtype), prefix_v.to(q.dtype), causal=causal, key_padding_mask=key_padding_mask
+            q,
+            k,
+            v,
+            prefix_k.to(q.dtype),
+            prefix_v.to(q.dtype),
+            causal=causal,
+            key_padding_mask=key_padding_mask,
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, n, self.hidden_size))
 
