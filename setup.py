@@ -145,7 +145,7 @@ def extension(version: str, with_cuda: bool, archs: str):
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [f'-DPEFTKERN_VERSION="{version}"']
     openmp = openmp_flags()
-    # The C++ standard is left to torch: 2.6-2.13 build with C++17, 2.14+ require C++20.
+    # The C++ standard is left to torch: 2.11-2.13 build with C++17, 2.14+ require C++20.
     cxx = ["-O3", *openmp, *defines]
     if not with_cuda:
         return cpp_extension.CppExtension(

@@ -1,4 +1,4 @@
-"""Training-step benchmark table: `python benchmarks/bench_training_step.py [--csv F] [--json F]`.
+"""Training-step benchmark table: `python benchmarks/bench_training_step.py [--quick] [--csv F] [--json F]`.
 
 One forward + backward + AdamW step of a Llama-style model with LoRA (dropout 0.05) on
 q_proj/v_proj, and on the CPU also on all seven linear layers per block and with prefix tuning
@@ -10,26 +10,20 @@ seq 2048. "x floor" is the ratio to `peft` in the same run (below 1 is faster).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from peftkern.benchmarking import training_step
-from peftkern.benchmarking.harness import format_table, write_results
+from peftkern.benchmarking.harness import benchmark_arguments, format_table, write_results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser = benchmark_arguments(__doc__.splitlines()[0], rounds=10, compile_flag=False)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--csv")
-    parser.add_argument("--json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [
-        r for case in training_step.default_cases() for r in training_step.run(case, rounds=args.rounds)
-    ]
+    cases = training_step.quick_cases() if args.quick else training_step.default_cases()
+    results = [r for case in cases for r in training_step.run(case, rounds=args.rounds)]
     print(format_table(results))
     for r in results:
         print(f"{r.case} {r.provider}: {1 / r.ratio_to_floor:.3f}x the speed of peft")

@@ -1,10 +1,11 @@
-"""Regenerates the README's benchmark tables from the result files in benchmarks/results/.
+"""Regenerates the benchmark tables of benchmarks/README.md, and the summary in README.md, from
+the result files in benchmarks/results/.
 
     python scripts/render_benchmark_tables.py
 
 Each JSON file there was written by a benchmark script (`--json`) on real hardware; the table
 shows, per case, every provider's time as a ratio to the floor measured in the same run, and
-the saved-activation bytes. Numbers are never typed into the README by hand.
+the saved-activation bytes. Numbers are never typed in by hand.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
-START, END = "<!-- benchmark-tables:start -->", "<!-- benchmark-tables:end -->"
+TABLES = ROOT / "benchmarks" / "README.md"
+SUMMARY = ROOT / "README.md"
+TABLE_MARKS = "<!-- benchmark-tables:start -->", "<!-- benchmark-tables:end -->"
+SUMMARY_MARKS = "<!-- benchmark-summary:start -->", "<!-- benchmark-summary:end -->"
+# The mode a case is summarised by: what a training step costs.
+SUMMARY_MODES = ("forward+backward", "train-step")
 
 
 def render_file(path: Path) -> str:
@@ -58,14 +63,49 @@ def is_benchmark_document(path: Path) -> bool:
     return isinstance(rows, list) and bool(rows) and "ratio_to_floor" in rows[0]
 
 
+def summary_table(files: list[Path]) -> str:
+    """One line per case: peftkern's and every other provider's forward+backward (or training
+    step) time as a ratio to the case's floor, and the saved activations."""
+    lines = [
+        "| case (machine, date) | floor | peftkern | the others | saved MiB: floor, peftkern (others) |",
+        "|---|---|---|---|---|",
+    ]
+    for path in files:
+        document = json.loads(path.read_text())
+        by_case: dict[str, list[dict]] = defaultdict(list)
+        for row in document["results"]:
+            if row["mode"] in SUMMARY_MODES:
+                by_case[row["case"]].append(row)
+        for case, rows in by_case.items():
+            floor_row = next(r for r in rows if r["ratio_to_floor"] == 1.0)
+            floor = floor_row["provider"]
+            mine = next((r for r in rows if r["provider"].startswith("peftkern")), None)
+            if mine is None:
+                continue
+            others = [r for r in rows if r["provider"] != floor and not r["provider"].startswith("peftkern")]
+            ratios = ", ".join(f"{r['provider']} {r['ratio_to_floor']:.2f}" for r in others) or "-"
+            saved = ", ".join(f"{r['saved_bytes'] / 2**20:.1f}" for r in others)
+            where = f"{rows[0]['machine'].split(' (')[0]}, {document['date']}"
+            lines.append(
+                f"| `{case}` ({where}) | {floor} | **{mine['ratio_to_floor']:.2f}** | {ratios} "
+                f"| {floor_row['saved_bytes'] / 2**20:.1f}, {mine['saved_bytes'] / 2**20:.1f} ({saved or '-'}) |"
+            )
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, marks: tuple[str, str], body: str) -> None:
+    start, end = marks
+    head, rest = path.read_text().split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def main() -> None:
     files = [f for f in sorted(RESULTS.glob("**/*.json")) if is_benchmark_document(f)]
     body = "\n".join(render_file(f) for f in files) if files else "No results recorded yet."
-    text = README.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
-    print(f"rendered {len(files)} result file(s) into {README.name}")
+    replace_between(TABLES, TABLE_MARKS, body)
+    replace_between(SUMMARY, SUMMARY_MARKS, summary_table(files) if files else "No results recorded yet.")
+    print(f"rendered {len(files)} result file(s) into {TABLES.relative_to(ROOT)} and {SUMMARY.name}")
 
 
 if __name__ == "__main__":

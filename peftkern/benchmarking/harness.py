@@ -8,6 +8,7 @@ provider of that case. Saved-activation bytes are counted exactly with
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import platform
@@ -260,7 +261,7 @@ def write_results(
     results: Sequence[Result], csv_path: str | None = None, json_path: str | None = None
 ) -> None:
     """CSV: one flat row per result. JSON: the rows plus the command and date that made them,
-    which is what scripts/render_benchmark_tables.py turns into the README's tables."""
+    which is what scripts/render_benchmark_tables.py turns into the tables of benchmarks/README.md."""
     rows = [asdict(r) for r in results]
     if json_path:
         document = {"command": invoking_command(), "date": time.strftime("%Y-%m-%d"), "results": rows}
@@ -271,3 +272,32 @@ def write_results(
             writer = csv.DictWriter(f, fieldnames=list(flat[0].keys()) if flat else [])
             writer.writeheader()
             writer.writerows(flat)
+
+
+def benchmark_arguments(
+    description: str, *, rounds: int, compile_flag: bool = True
+) -> argparse.ArgumentParser:
+    """The options every `benchmarks/bench_*.py` script takes, so that one command line (the
+    GPU check's) drives them all: --rounds, --quick (tiny shapes: checks that the benchmark
+    runs, measures nothing worth keeping), --no-compile where the benchmark has torch.compile
+    providers, --csv and --json."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds (default {rounds})")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: check that the benchmark runs")
+    if compile_flag:
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--csv", help="write the results as CSV")
+    parser.add_argument(
+        "--json", help="write the results as JSON (benchmarks/README.md's tables are made from it)"
+    )
+    return parser
+
+
+def suite_main(suite, description: str, *, rounds: int = 15) -> None:
+    """The body of a kernel benchmark script: a suite module (see benchmarking/suites.py) run
+    at its default shapes, or its quick ones with --quick; the table printed, files written."""
+    args = benchmark_arguments(description, rounds=rounds).parse_args()
+    cases = suite.quick_cases() if args.quick else suite.default_cases()
+    results = suite.run(cases, rounds=args.rounds, with_compile=not args.no_compile)
+    print(format_table(results))
+    write_results(results, args.csv, args.json)

@@ -1,5 +1,6 @@
-"""Prefix attention benchmark: peftkern vs concatenation + SDPA with an explicit mask, against
-attention over the sequence alone (the floor: what the layer costs without any prefix)."""
+"""Prefix attention benchmark: peftkern vs concatenation + SDPA with an explicit mask (eager and
+under torch.compile), against attention over the sequence alone (the floor: what the layer
+costs without any prefix)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ CPU_CASES = [
 GPU_CASES = [PrefixCase(8, 32, 2048, 20, 128, torch.bfloat16, "cuda")]
 
 
-def providers_for(case: PrefixCase) -> list[Provider]:
+def providers_for(case: PrefixCase, with_compile: bool = True) -> list[Provider]:
     torch.manual_seed(0)
     B, H, n, m, d = case.batch, case.heads, case.seq, case.prefix, case.head_dim
 
@@ -68,7 +69,7 @@ def providers_for(case: PrefixCase) -> list[Provider]:
 
     # The prefix rows are parameters; q, k and v are activations of the layer before.
     prefix, inputs = [prefix_k, prefix_v], [q_mem, k_mem, v_mem]
-    return [
+    providers = [
         Provider("no-prefix", lambda: sdpa(*qkv(), is_causal=case.causal), [], inputs),
         Provider("concat+sdpa", concat_sdpa, prefix, inputs),
         Provider(
@@ -78,14 +79,18 @@ def providers_for(case: PrefixCase) -> list[Provider]:
             inputs,
         ),
     ]
+    if with_compile:
+        compiled = torch.compile(concat_sdpa, dynamic=False)
+        providers.append(Provider("torch.compile", compiled, prefix, inputs))
+    return providers
 
 
-def run(cases: list[PrefixCase], *, rounds: int = 15) -> list[Result]:
+def run(cases: list[PrefixCase], *, rounds: int = 15, with_compile: bool = True) -> list[Result]:
     results: list[Result] = []
     for case in cases:
         results += measure_case(
             case.name,
-            providers_for(case),
+            providers_for(case, with_compile),
             "no-prefix",
             torch.device(case.device),
             rounds=rounds,
@@ -96,3 +101,8 @@ def run(cases: list[PrefixCase], *, rounds: int = 15) -> list[Result]:
 
 def default_cases() -> list[PrefixCase]:
     return GPU_CASES if torch.cuda.is_available() else CPU_CASES
+
+
+def quick_cases() -> list[PrefixCase]:
+    """Tiny shapes (odd sizes on purpose) that check the suite runs, in well under a second."""
+    return [PrefixCase(2, 3, 17, 5, 8, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")]

@@ -227,3 +227,12 @@ def run(case: StepCase, *, rounds: int = 10, warmup: int = 2) -> list[Result]:
 
 def default_cases() -> list[StepCase]:
     return GPU_CASES if torch.cuda.is_available() else CPU_CASES
+
+
+def quick_cases() -> list[StepCase]:
+    """A tiny Llama, LoRA on q/v and prefix tuning: checks the benchmark runs, in seconds."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [
+        StepCase(32, 2, 4, 64, 128, 16, 2, 4, 0.05, torch.float32, device),
+        StepCase(32, 2, 4, 64, 128, 16, 2, 0, 0.0, torch.float32, device, prefix=4),
+    ]
