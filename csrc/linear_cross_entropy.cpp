@@ -91,9 +91,12 @@ void run_chunks(const LinearCrossEntropyKernels& kernels, const at::Tensor& h2,
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t rows = std::min(chunk, M - m0);
     const at::Tensor h_chunk = h2.narrow(0, m0, rows);
-    const at::Tensor logits =
-        given(bias) ? at::addmm(*bias, h_chunk, weight.t()) : at::mm(h_chunk, weight.t());
-    at::Tensor z = logits.to(ltype).contiguous();
+    // The logits in the inputs' dtype are a temporary: only their loss-dtype copy lives on
+    // (the same tensor for float32 and float64).
+    at::Tensor z =
+        (given(bias) ? at::addmm(*bias, h_chunk, weight.t()) : at::mm(h_chunk, weight.t()))
+            .to(ltype)
+            .contiguous();
     at::Tensor loss_chunk = loss_rows.narrow(0, m0, rows);
     const at::Tensor scale_chunk =
         row_scale.defined() ? row_scale.narrow(0, m0, rows) : at::Tensor();

@@ -411,6 +411,13 @@ def _linear_cross_entropy_backward(
 ) -> tuple[Tensor | None, ...]:
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
     if ctx.precomputed:
+        if torch.is_grad_enabled():
+            # create_graph=True: the precomputed gradients carry no graph of their own, so a
+            # second derivative through them would be silently wrong.
+            raise RuntimeError(
+                "peftkern: linear_cross_entropy is differentiable once; differentiating its "
+                "gradient again (double backward after create_graph=True) is not supported"
+            )
         grads = [g * grad_loss if needed else None for g, needed in zip(ctx.saved_tensors, mask)]
     else:
         hidden, weight, bias, labels = ctx.saved_tensors

@@ -245,3 +245,13 @@ def test_unknown_reduction_is_refused_in_words():
         peftkern.linear_cross_entropy(hidden, weight, labels, reduction="avg")
     with pytest.raises(RuntimeError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
         linear_cross_entropy_op(hidden, weight, None, labels, -100, "avg", 0.0, None, [False] * 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_derivative_is_refused_in_words(reduction):
+    inp = make_inputs(5, 4, 7)
+    hidden = inp["hidden"].requires_grad_()
+    loss = peftkern.linear_cross_entropy(hidden, inp["weight"], inp["labels"], reduction=reduction)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (grad,) = torch.autograd.grad(loss.sum(), hidden, create_graph=True)
+        grad.sum().backward()

@@ -16,6 +16,7 @@ their labels through to the transformers model, which is the one patched.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -106,22 +107,27 @@ def causal_lm_loss(
     return loss
 
 
-def _fused_loss_forward(base: nn.Module, original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+def _fused_loss_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The patched forward, a function bound to the model: it reaches the model's original
+    forward through the model itself, so a deep copy of a patched model is patched in its
+    own right. It carries the original's signature (Trainer reads it to decide whether to
+    pass num_items_in_batch)."""
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        original_forward = getattr(self, _ORIGINAL)
         labels = kwargs.pop("labels", None)
         if labels is None:
-            return original(*args, **kwargs)
+            return original_forward(*args, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
-        with _HiddenStatesFromHead(_output_head(base)) as captured:
-            outputs = original(*args, **kwargs)
+        with _HiddenStatesFromHead(_output_head(self)) as captured:
+            outputs = original_forward(*args, **kwargs)
         if captured.hidden is None:
             raise RuntimeError(f"peftkern: {WHO}: the model's forward never called its output head")
         loss = causal_lm_loss(
             captured.hidden,
             captured.head,
             labels,
-            softcap=getattr(base.config, "final_logit_softcapping", None),
+            softcap=getattr(self.config, "final_logit_softcapping", None),
             num_items_in_batch=kwargs.get("num_items_in_batch"),
             shift_labels=shift_labels,
         )
@@ -130,7 +136,15 @@ def _fused_loss_forward(base: nn.Module, original: Callable[..., Any]) -> Callab
         # A new output of the model's class: loss first, as the model's own would have it.
         return type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k != "logits"})
 
+    underlying = getattr(original, "__func__", None)
+    if underlying is not None:
+        functools.update_wrapper(forward, underlying)
+    forward._peftkern_fused_loss = True  # type: ignore[attr-defined]
     return forward
+
+
+def _is_patched(base: nn.Module) -> bool:
+    return _ORIGINAL in base.__dict__
 
 
 def use_peftkern_loss(model: nn.Module) -> nn.Module:
@@ -140,17 +154,19 @@ def use_peftkern_loss(model: nn.Module) -> nn.Module:
     Returns the model."""
     base = _transformers_model(model)
     _output_head(base)
-    if _ORIGINAL not in base.__dict__:
-        original = base.forward
+    if not _is_patched(base):
+        original = base.forward  # bound, or an instance-level forward (accelerate's hooks)
         setattr(base, _ORIGINAL, original)
-        base.forward = _fused_loss_forward(base, original)
+        base.forward = types.MethodType(_fused_loss_forward(original), base)
     return model
 
 
 def restore_loss(model: nn.Module) -> nn.Module:
     """Undoes ``use_peftkern_loss``: the model's own forward (and logits) again."""
     base = _transformers_model(model)
-    if _ORIGINAL in base.__dict__:
+    if _is_patched(base):
+        original = base.__dict__.pop(_ORIGINAL)
         del base.forward
-        delattr(base, _ORIGINAL)
+        if original != base.forward:
+            base.forward = original  # it was an instance-level forward itself (accelerate's hooks)
     return model
