@@ -69,7 +69,9 @@ def assert_matches_reference(inp, rtol=1e-7, atol=1e-9, **kwargs):
     torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol, equal_nan=True)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 SHAPES = [
@@ -100,37 +102,35 @@ def test_every_label_ignored(rows_pass, reduction):
     assert all((g == 0).all() for g in grads.values())
 
 
+def assert_error_at_most_twice_plain_pytorch(inp, reduction, **kwargs):
+    """The kernel's loss and gradients against a float64 truth: at most twice the error of the
+    eager expression in the inputs' dtype."""
+    truth_inp = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in inp.items()}
+    upstream = torch.randn(inp["labels"].shape) if reduction == "none" else None
+    common = dict(grad_scale=upstream, reduction=reduction, **kwargs)
+    loss, grads = run(peftkern.linear_cross_entropy, inp, **common)
+    plain_loss, plain_grads = run(reference.linear_cross_entropy, inp, **common)
+    common["grad_scale"] = None if upstream is None else upstream.double()
+    truth_loss, truth_grads = run(reference.linear_cross_entropy, truth_inp, **common)
+    assert loss.dtype == torch.float32
+    assert_close_low_precision(loss, plain_loss, truth_loss, "loss")
+    for name in grads:
+        assert grads[name].dtype == inp["hidden"].dtype
+        assert_close_low_precision(grads[name], plain_grads[name], truth_grads[name], name)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float32_over_several_chunks(rows_pass, reduction):
     # 300 rows × 30,000 logits is more than one CPU chunk (8M logits): the chunk boundary and
     # the gradient accumulation over chunks are exercised.
     inp = make_inputs(300, 24, 30_000, dtype=torch.float32, seed=3)
-    assert_matches_reference(
-        inp, rtol=2e-4, atol=2e-5, reduction=reduction, label_smoothing=0.05, softcap=20.0
-    )
+    assert_error_at_most_twice_plain_pytorch(inp, reduction, label_smoothing=0.05, softcap=20.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_half_precision_error_at_most_twice_plain_pytorch(rows_pass, dtype, reduction):
-    inp = make_inputs(40, 32, 301, dtype=dtype, seed=5)
-    truth_inp = {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in inp.items()}
-    upstream = torch.randn(inp["labels"].shape) if reduction == "none" else None
-    loss, grads = run(peftkern.linear_cross_entropy, inp, grad_scale=upstream, reduction=reduction)
-    plain_loss, plain_grads = run(
-        reference.linear_cross_entropy, inp, grad_scale=upstream, reduction=reduction
-    )
-    truth_loss, truth_grads = run(
-        reference.linear_cross_entropy,
-        truth_inp,
-        grad_scale=None if upstream is None else upstream.double(),
-        reduction=reduction,
-    )
-    assert loss.dtype == torch.float32
-    assert_close_low_precision(loss, plain_loss, truth_loss, "loss")
-    for name in grads:
-        assert grads[name].dtype == dtype
-        assert_close_low_precision(grads[name], plain_grads[name], truth_grads[name], name)
+    assert_error_at_most_twice_plain_pytorch(make_inputs(40, 32, 301, dtype=dtype, seed=5), reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
