@@ -201,7 +201,7 @@ def _linear_cross_entropy_samples(device: str) -> list[tuple]:
         (t(5, 16), t(11, 16), t(11), labels, -100, "mean", 0.0, None, [True, True, True]),
         (t(5, 16), t(11, 16, grad=False), None, labels, -100, "sum", 0.1, 30.0, [True, False, False]),
         (t(5, 16), t(11, 16), None, labels.view(5, 1), -100, "none", 0.0, None, [True, True, False]),
-        (t(0, 16), t(11, 16), None, labels[:0], -100, "mean", 0.0, None, [True, True, False]),
+        (t(0, 16), t(11, 16), None, labels[:0], -100, "sum", 0.0, None, [True, True, False]),
         (
             t(5, 8, dtype=torch.bfloat16),
             t(11, 8, dtype=torch.bfloat16),

@@ -68,6 +68,7 @@ def batch(seed: int = 1) -> dict[str, torch.Tensor]:
 
 def loss_and_grads(model: torch.nn.Module, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks (GPT-2 trains with dropout) in both models
     out = model(**batch(), **kwargs)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
