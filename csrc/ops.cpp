@@ -49,3 +49,22 @@ TORCH_LIBRARY_FRAGMENT(peftkern, m) {
       "Tensor prefix_k, Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
       "bool causal, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_FRAGMENT(peftkern, m) {
+  // cross_entropy(hidden·weightᵀ + bias, labels) in float32 (float64 for float64 hidden),
+  // the logits optionally softcapped (cap·tanh(z/cap)) first, without materialising the
+  // [rows, vocab] logits. reduction: mean, sum or none. Returns (loss, dhidden, dweight,
+  // dbias): for mean and sum the loss's gradients (for an incoming gradient of 1), computed
+  // in the same pass for grad_mask = [hidden, weight, bias]; empty tensors otherwise (and
+  // always for none, whose backward recomputes).
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, "
+      "int ignore_index, str reduction, float label_smoothing, float? softcap, bool[3] grad_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (dhidden, dweight, dbias) for output_mask, recomputing the logits chunk by chunk;
+  // a gradient not asked for is an empty tensor.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
+      "Tensor labels, int ignore_index, str reduction, float label_smoothing, float? softcap, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

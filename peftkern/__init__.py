@@ -65,3 +65,8 @@ __all__ += ["PrefixSummary", "inject_prefix"]
 from peftkern.integrations import restore_attention, use_peftkern_attention  # noqa: E402
 
 __all__ += ["restore_attention", "use_peftkern_attention"]
+
+from peftkern.functional import linear_cross_entropy  # noqa: E402
+from peftkern.integrations import restore_loss, use_peftkern_loss  # noqa: E402
+
+__all__ += ["linear_cross_entropy", "restore_loss", "use_peftkern_loss"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftkern.ops import bottleneck_adapter_op, lora_linear_op, prefix_attention_op
+from peftkern.ops import bottleneck_adapter_op, linear_cross_entropy_op, lora_linear_op, prefix_attention_op
 
 _SEED_HIGH = 2**62
 # The devices peftkern has kernels for, all of which have autocast. A constant rather than
@@ -126,3 +126,53 @@ def prefix_attention(
         scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0  # head_dim 0 is refused by the op
     out, _ = prefix_attention_op(q, k, v, prefix_k, prefix_v, key_padding_mask, bool(causal), float(scale))
     return out
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)`` without the logits.
+
+    Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``bias [V]``, ``labels [...]`` (int64, one
+    per row of hidden; ``ignore_index`` marks rows that do not count). The logits are made
+    and consumed a chunk of rows at a time, in float32 (float64 for float64 inputs), and
+    ``softcap`` applies ``cap·tanh(z/cap)`` to them first (Gemma 2). ``reduction`` is "mean"
+    (over counted rows; nan when none counts, as in PyTorch), "sum" or "none" (labels' shape).
+    For "mean" and "sum" the gradients are computed in the forward pass and only scaled in
+    backward; for "none" backward recomputes the logits. The weight's gradient is computed
+    only when ``weight.requires_grad`` (a frozen head costs one GEMM less).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"peftkern: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    device_type = hidden.device.type
+    if autocast_enabled(device_type):
+        # What autocast does for F.linear: the logits GEMM in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    grad = torch.is_grad_enabled()
+    grad_mask = [
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    ]
+    loss, _, _, _ = linear_cross_entropy_op(
+        hidden,
+        weight,
+        bias,
+        labels,
+        int(ignore_index),
+        reduction,
+        float(label_smoothing),
+        None if softcap is None else float(softcap),
+        grad_mask,
+    )
+    return loss

@@ -322,3 +322,113 @@ def _refuse_second_derivative(forward_name: str) -> None:
 
 for _name in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
     _refuse_second_derivative(_name)
+
+
+# --- linear + cross-entropy ------------------------------------------------------------------
+
+linear_cross_entropy_op = torch.ops.peftkern.linear_cross_entropy.default
+linear_cross_entropy_backward_op = torch.ops.peftkern.linear_cross_entropy_backward.default
+
+
+def _loss_dtype(hidden: Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _linear_cross_entropy_grads_fake(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, mask: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        _grad_or_empty(mask[0], hidden, hidden.shape, hidden.dtype),
+        _grad_or_empty(mask[1], weight, weight.shape, weight.dtype),
+        _grad_or_empty(mask[2] and bias is not None, weight, (weight.shape[0],), weight.dtype),
+    )
+
+
+@torch.library.register_fake("peftkern::linear_cross_entropy")
+def _linear_cross_entropy_fake(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    grad_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    torch._check(
+        hidden.shape[-1] == weight.shape[1], lambda: "peftkern: hidden.shape[-1] must equal weight.shape[1]"
+    )
+    torch._check(
+        labels.numel() == math.prod(hidden.shape[:-1]),
+        lambda: "peftkern: labels must have one entry per row of hidden",
+    )
+    torch._check(
+        reduction in ("mean", "sum", "none"),
+        lambda: f"peftkern: reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
+    )
+    loss = hidden.new_empty(labels.shape if reduction == "none" else (), dtype=_loss_dtype(hidden))
+    mask = [bool(m) and reduction != "none" for m in grad_mask]
+    return (loss, *_linear_cross_entropy_grads_fake(hidden, weight, bias, mask))
+
+
+@torch.library.register_fake("peftkern::linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(
+    grad_loss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: float | None,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _linear_cross_entropy_grads_fake(hidden, weight, bias, output_mask)
+
+
+def _linear_cross_entropy_setup_context(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> None:
+    hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, softcap, grad_mask = inputs
+    _, dh, dW, db = output
+    wanted = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    # Gradients made in forward (a scalar loss) only need scaling: nothing else is kept, not
+    # even hidden. Otherwise (reduction "none", or a gradient forward was not asked for)
+    # backward recomputes the logits chunk by chunk from the inputs.
+    ctx.precomputed = reduction != "none" and all(m or not w for m, w in zip(grad_mask, wanted))
+    if ctx.precomputed:
+        ctx.save_for_backward(dh, dW, db)
+    else:
+        ctx.save_for_backward(hidden, weight, bias, labels)
+    ctx.args = (ignore_index, reduction, label_smoothing, softcap)
+    ctx.mark_non_differentiable(dh, dW, db)
+
+
+def _linear_cross_entropy_backward(
+    ctx: Any, grad_loss: Tensor, *unused_grads: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if ctx.precomputed:
+        if torch.is_grad_enabled():
+            # create_graph=True: the precomputed gradients carry no graph of their own, so a
+            # second derivative through them would be silently wrong.
+            raise RuntimeError(
+                "peftkern: linear_cross_entropy is differentiable once; differentiating its "
+                "gradient again (double backward after create_graph=True) is not supported"
+            )
+        grads = [g * grad_loss if needed else None for g, needed in zip(ctx.saved_tensors, mask)]
+    else:
+        hidden, weight, bias, labels = ctx.saved_tensors
+        computed = linear_cross_entropy_backward_op(grad_loss, hidden, weight, bias, labels, *ctx.args, mask)
+        grads = [g if needed else None for g, needed in zip(computed, mask)]
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "peftkern::linear_cross_entropy",
+    _linear_cross_entropy_backward,
+    setup_context=_linear_cross_entropy_setup_context,
+)
+_refuse_second_derivative("linear_cross_entropy")

@@ -149,3 +149,30 @@ def prefix_attention(
     keep = torch.cat([torch.ones(B, 1, n, m, dtype=torch.bool, device=q.device), keep], dim=-1)
     out = torch.nn.functional.scaled_dot_product_attention(q, k_ext, v_ext, attn_mask=keep, scale=scale)
     return torch.where(keep.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """The eager expression: the full logits, in float32 (float64 for float64 inputs), then
+    F.cross_entropy; ``reduction="none"`` returns labels' shape."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, -2),
+        labels.flatten(),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.view(labels.shape) if reduction == "none" else loss

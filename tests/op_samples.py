@@ -190,3 +190,43 @@ SAMPLES: dict[str, Callable[[str], list[tuple]]] = {
     "prefix_attention": _prefix_attention_samples,
     "prefix_attention_backward": _prefix_attention_backward_samples,
 }
+
+
+def _linear_cross_entropy_samples(device: str) -> list[tuple]:
+    def t(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    labels = torch.tensor([3, -100, 0, 10, 7], device=device)
+    return [
+        (t(5, 16), t(11, 16), t(11), labels, -100, "mean", 0.0, None, [True, True, True]),
+        (t(5, 16), t(11, 16, grad=False), None, labels, -100, "sum", 0.1, 30.0, [True, False, False]),
+        (t(5, 16), t(11, 16), None, labels.view(5, 1), -100, "none", 0.0, None, [True, True, False]),
+        (t(0, 16), t(11, 16), None, labels[:0], -100, "sum", 0.0, None, [True, True, False]),
+        (
+            t(5, 8, dtype=torch.bfloat16),
+            t(11, 8, dtype=torch.bfloat16),
+            None,
+            labels,
+            -100,
+            "mean",
+            0.0,
+            None,
+            [True, True, False],
+        ),
+    ]
+
+
+def _linear_cross_entropy_backward_samples(device: str) -> list[tuple]:
+    samples = []
+    for hidden, weight, bias, labels, ignore, reduction, eps, cap, _ in _linear_cross_entropy_samples(device):
+        loss, *_ = torch.ops.peftkern.linear_cross_entropy(
+            hidden, weight, bias, labels, ignore, reduction, eps, cap, [False] * 3
+        )
+        inputs = (hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels)
+        for mask in ([True, True, True], [True, False, False]):
+            samples.append((torch.randn_like(loss), *inputs, ignore, reduction, eps, cap, mask))
+    return samples
+
+
+SAMPLES["linear_cross_entropy"] = _linear_cross_entropy_samples
+SAMPLES["linear_cross_entropy_backward"] = _linear_cross_entropy_backward_samples

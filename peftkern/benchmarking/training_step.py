@@ -32,6 +32,7 @@ from peftkern.benchmarking.harness import (
     time_interleaved,
 )
 from peftkern.integrations import inject_lora, inject_prefix, patch_peft, use_peftkern_attention
+from peftkern.integrations.loss import use_peftkern_loss
 
 QV = ("q_proj", "v_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,6 +53,7 @@ class StepCase:
     device: str
     targets: tuple[str, ...] = QV
     prefix: int = 0  # > 0: prefix tuning with this many virtual tokens instead of LoRA
+    fused_loss: bool = False  # adds the patched model with use_peftkern_loss as a provider
 
     @property
     def name(self) -> str:
@@ -59,7 +61,8 @@ class StepCase:
         if self.prefix:
             return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} prefix m{self.prefix} {dt}"
         where = "qv" if self.targets == QV else f"{len(self.targets)}lin"
-        return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r} {dt}"
+        vocab = f" V{self.vocab}" if self.fused_loss else ""
+        return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r}{vocab} {dt}"
 
 
 # The vocabulary is kept small on the CPU so the LM head (identical in every provider) does
@@ -71,7 +74,10 @@ CPU_CASES = [
     for targets in (QV, ALL_LINEAR)
 ]
 CPU_CASES.append(StepCase(512, 4, 8, 1376, 2048, 256, 4, 0, 0.0, torch.float32, "cpu", prefix=20))
-GPU_CASES = [StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda")]
+# A real 32k vocabulary, where the LM head and its loss are a large share of the step: the
+# case for use_peftkern_loss.
+CPU_CASES.append(StepCase(512, 4, 8, 1376, 32_000, 256, 4, 16, 0.05, torch.float32, "cpu", fused_loss=True))
+GPU_CASES = [StepCase(4096, 8, 32, 11008, 32000, 2048, 1, 16, 0.05, torch.bfloat16, "cuda", fused_loss=True)]
 
 
 def base_model(case: StepCase) -> nn.Module:
@@ -171,6 +177,8 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
         with_attention = copy.deepcopy(patched)
         use_peftkern_attention(with_attention)
         models["peftkern-patched+attention"] = with_attention.train()
+    if case.fused_loss:
+        models["peftkern-patched+loss"] = use_peftkern_loss(copy.deepcopy(patched)).train()
     models["frozen-base"] = floor
     return models
 

@@ -35,3 +35,7 @@ __all__ += ["PrefixSummary", "inject_prefix"]
 from peftkern.integrations.attention import restore_attention, use_peftkern_attention  # noqa: E402
 
 __all__ += ["restore_attention", "use_peftkern_attention"]
+
+from peftkern.integrations.loss import restore_loss, use_peftkern_loss  # noqa: E402
+
+__all__ += ["restore_loss", "use_peftkern_loss"]
