@@ -45,7 +45,7 @@ fi
 
 step "build for sm_${arch/./} with MAX_JOBS=${MAX_JOBS:-$(nproc)}"
 if ! PEFTKERN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-  timeout 1800 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  timeout 2700 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
   tail -30 "$out/build.log"
   exit 1  # nothing after this can run without the extension
 fi

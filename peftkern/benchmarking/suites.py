@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "lora_linear": "peftkern.benchmarking.lora_linear",
     "bottleneck_adapter": "peftkern.benchmarking.bottleneck_adapter",
     "prefix_attention": "peftkern.benchmarking.prefix_attention",
+    "linear_cross_entropy": "peftkern.benchmarking.linear_cross_entropy",
 }
 
 
