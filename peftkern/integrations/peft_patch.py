@@ -2,11 +2,13 @@
 LoRA models are handled here (their Linear layers run the fused op), prefix-tuning models in
 `peft_patch_prefix` (the prefix goes to the concat-free prefix attention).
 
-Only the forward method of each covered layer is swapped (an instance attribute shadowing the
-class method); parameters, module tree, state_dict keys and save_pretrained/from_pretrained
-stay exactly peft's. The swapped forward re-checks the layer's state on every call and hands
-anything it does not cover back to peft's own forward, so a later merge, set_adapter,
-disable_adapter or adapter_names batch stays correct.
+Only the forward method of each covered layer is swapped (`binding.bind`: an instance attribute
+shadowing the class method, which pickles and deep-copies with the model); parameters, module
+tree, state_dict keys and save_pretrained/from_pretrained stay exactly peft's. The swapped
+forward re-checks the layer's state on every call and hands anything it does not cover back to
+peft's own forward, so a later merge, set_adapter, disable_adapter, adapter_names batch, or a
+hook added to base_layer / lora_A / lora_B / lora_dropout (accelerate's offloading, activation
+capture) stays correct.
 """
 
 from __future__ import annotations
