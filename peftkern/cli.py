@@ -50,11 +50,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.list_methods:
         for m in methods.METHODS.values():
-            reason = m.unavailable_reason()
-            print(
-                f"{m.name:<11} {m.summary}"
-                + (f"  [not yet available in this build: {reason}]" if reason else "")
-            )
+            print(f"{m.name:<11} {m.summary}")
         return 0
     train = TrainConfig(
         epochs=args.epochs,
@@ -76,11 +72,6 @@ def _compare(args: argparse.Namespace) -> int:
         )
     )
     print(report.format_table(comparison.results, comparison.title))
-    missing = [
-        f"{m.name} ({m.unavailable_reason()})" for m in methods.METHODS.values() if m.unavailable_reason()
-    ]
-    if missing and not args.methods:
-        print(f"not yet available in this build: {', '.join(missing)}")
     print("wrote " + ", ".join(str(f) for f in comparison.files))
     return 0
 
@@ -96,12 +87,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown benchmark {unknown[0]!r}; known: {', '.join(suites.SUITES)}")
     if args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
-    ran = suites.run_suites(names, quick=args.quick, rounds=args.rounds, with_compile=not args.no_compile)
-    print(format_table(ran.results))
-    for name, why in ran.skipped.items():
-        print(f"skipped {name}: {why}")
-    write_results(ran.results, args.csv, args.json)
-    if args.plot and not write_plot(ran.results, args.plot):
+    results = suites.run_suites(names, quick=args.quick, rounds=args.rounds, with_compile=not args.no_compile)
+    print(format_table(results))
+    write_results(results, args.csv, args.json)
+    if args.plot and not write_plot(results, args.plot):
         raise UsageError("--plot needs matplotlib (pip install 'peftkern[cli]')")
     return 0
 
@@ -122,11 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         "MiniLM on the built-in review-sentiment task, offline.",
     )
     compare.add_argument(
-        "--methods", default="", help="comma-separated (default: every available one; see --list-methods)"
+        "--methods",
+        default="",
+        help="comma-separated (default: every one that fits the task; see --list-methods)",
     )
-    compare.add_argument(
-        "--list-methods", action="store_true", help="list the methods and whether this build has them"
-    )
+    compare.add_argument("--list-methods", action="store_true", help="list the methods")
     compare.add_argument(
         "--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)"
     )
@@ -145,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_compare)
 
     bench = commands.add_parser("bench", help="kernel benchmarks: providers x modes, as ratios to the floor")
-    bench.add_argument("--ops", default="", help="comma-separated suites (default: all in this build)")
+    bench.add_argument("--ops", default="", help="comma-separated suites (default: all)")
     bench.add_argument("--rounds", type=int, default=15, help="timed rounds per provider and mode")
     bench.add_argument(
         "--quick", action="store_true", help="tiny shapes: checks the suites run, times mean little"

@@ -7,6 +7,10 @@ from torch import Tensor
 
 from peftkern.ops import bottleneck_adapter_op, linear_cross_entropy_op, lora_linear_op, prefix_attention_op
 
+# The bottleneck adapter's activations, by the names the op takes ("swish" is also taken, as
+# another name for "silu").
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
+
 _SEED_HIGH = 2**62
 # The devices peftkern has kernels for, all of which have autocast. A constant rather than
 # torch.amp.is_autocast_available(): dynamo before torch 2.13 cannot trace that call and would

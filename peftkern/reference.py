@@ -84,9 +84,6 @@ def lora_linear(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "identity")
-
-
 def adapter_activation(z: Tensor, activation: str) -> Tensor:
     """The bottleneck adapter's activation by name (``swish`` is ``silu``)."""
     if activation == "relu":

@@ -8,6 +8,7 @@ from conftest import DEVICES, HAS_CUDA, assert_close_low_precision
 
 import peftkern
 from peftkern import reference
+from peftkern.functional import ADAPTER_ACTIVATIONS
 from peftkern.ops import bottleneck_adapter_backward_op, bottleneck_adapter_op
 
 NAMES = ("h", "w_down", "b_down", "w_up", "b_up", "scaling", "residual")
@@ -82,7 +83,7 @@ def run_both(inp, activation="relu", grad=None):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("learned_scaling", [False, True])
 @pytest.mark.parametrize("residual", [False, True])
@@ -119,7 +120,7 @@ def test_odd_shapes(device, M, d, r, lead):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 def test_float32_activations_over_a_wide_range(device, activation):
     """The float32 activations (vectorised exp/erf on the CPU) against float64 over
     pre-activations from -30 to 30, values and derivatives: identity projections make the
@@ -139,7 +140,7 @@ def test_float32_activations_over_a_wide_range(device, activation):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 def test_float32_matches_reference(device, activation):
     inp = make_inputs(64, 96, 16, dtype=torch.float32, device=device, lead=(2,), learned_scaling=True)
     out, out_ref, grads, ref_grads = run_both(inp, activation)
@@ -182,7 +183,7 @@ def test_non_contiguous_input(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 def test_gradcheck_float64(device, activation):
     inp = make_inputs(6, 7, 3, device=device, lead=(2,), learned_scaling=True, residual=True)
     # Keep the pre-activations away from relu's kink, where finite differences are undefined.
@@ -350,7 +351,7 @@ def test_mixed_devices_are_refused():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 def test_cuda_matches_cpu(activation):
     inp = make_inputs(300, 72, 12, dtype=torch.float32, learned_scaling=True, residual=True)
     grad = torch.randn(inp["h"].shape)

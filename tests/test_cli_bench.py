@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from peftkern.benchmarking import suites
 from peftkern.benchmarking.harness import MODES
 from peftkern.cli import main
 
@@ -52,12 +51,6 @@ def test_bench_quick_prints_the_table_and_writes_csv_json_png(tmp_path, capsys):
         assert [r["provider"] for r in csv.DictReader(f)] == [r["provider"] for r in rows]
     assert files["png"].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     pytest.importorskip("matplotlib.image").imread(files["png"])
-
-
-def test_suites_missing_from_this_build_are_skipped_not_run(capsys, monkeypatch):
-    monkeypatch.setitem(suites.SUITES, "not_here", "peftkern.benchmarking.not_here")
-    assert main(["bench", "--quick", "--rounds", "1", "--no-compile", "--ops", "not_here"]) == 0
-    assert "skipped not_here: peftkern.benchmarking.not_here is not in this build" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 import peftkern
 from peftkern.integrations import peft_patch
+from peftkern.integrations.binding import bound_function
 
 QV = ("q_proj", "v_proj")
 
@@ -145,7 +148,7 @@ def test_base_layer_with_hooks_is_skipped():
     q.base_layer.register_forward_pre_hook(lambda module, args: None)
     report = peftkern.patch_peft(model)
     assert report.num_patched == 3
-    assert "forward hooks" in report.skipped["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert "base_layer has hooks" in report.skipped["base_model.model.model.layers.0.self_attn.q_proj"]
 
 
 def test_patch_peft_without_lora_layers_reports_nothing():
@@ -202,3 +205,136 @@ def test_autocast_runs_fused_with_autocast_dtypes(fused_calls, adapter_dtype):
         assert grads[key].dtype == adapter_dtype
         scale = ref_grads[key].float().abs().max()
         assert (grads[key].float() - ref_grads[key].float()).abs().max() <= 0.05 * scale, key
+
+
+def _pickled(model):
+    return pickle.loads(pickle.dumps(model))
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+ROUND_TRIPS = {"pickle": _pickled, "torch.save": _saved_and_loaded, "deepcopy": copy.deepcopy}
+
+
+@pytest.mark.parametrize("trip", list(ROUND_TRIPS))
+def test_whole_patched_model_round_trips_still_patched(trip, fused_calls):
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    loaded = ROUND_TRIPS[trip](model)
+    patched = [m for m in loaded.modules() if bound_function(m) is peft_patch._fused_forward]
+    assert len(patched) == 4
+    # Each rebuilt forward runs the rebuilt layer, not the one it was copied from.
+    assert all(m.forward.module is m for m in patched)
+    x = tokens()
+    torch.testing.assert_close(loaded(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    assert len(fused_calls) == 4
+    assert peftkern.unpatch_peft(loaded) == 4 and peftkern.unpatch_peft(model) == 4
+
+
+def _q_proj(model):
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+SUBMODULES = {
+    "base_layer": lambda layer: layer.base_layer,
+    "lora_A": lambda layer: layer.lora_A["default"],
+    "lora_B": lambda layer: layer.lora_B["default"],
+    "lora_dropout": lambda layer: layer.lora_dropout["default"],
+}
+
+
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
+@pytest.mark.parametrize("child", list(SUBMODULES))
+def test_hooks_added_after_patching_fire_and_change_the_output(child, kind, fused_calls):
+    """peft calls base_layer, lora_A, lora_B and lora_dropout, so their hooks run; the patched
+    layer hands calls to peft's forward while any such hook exists, and fuses again after."""
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    assert peftkern.patch_peft(model).num_patched == 4
+    calls = {"model": 0, "ref": 0}
+    handles = []
+    for key, m in (("model", model), ("ref", ref)):
+
+        def forward_hook(module, args, output, key=key):
+            calls[key] += 1
+            return output * 1.5
+
+        def forward_pre_hook(module, args, key=key):
+            calls[key] += 1
+            return (args[0] * 0.5,)
+
+        hook = forward_hook if kind == "forward_hook" else forward_pre_hook
+        handles.append(getattr(SUBMODULES[child](_q_proj(m)), f"register_{kind}")(hook))
+    x = tokens()
+    before = ref(x).logits
+    calls["ref"] = 0
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    assert calls == {"model": 1, "ref": 0}
+    assert len(fused_calls) == 3  # the hooked layer ran peft's forward, the others fused
+    for handle in handles:
+        handle.remove()
+    fused_calls.clear()
+    after = model(x).logits
+    assert len(fused_calls) == 4
+    assert not torch.allclose(after, before)  # the hook did change the output
+
+
+def test_global_module_hooks_fire_on_patched_layers(fused_calls):
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    seen: dict[str, list[type]] = {"model": [], "ref": []}
+    x = tokens()
+    for key, m in (("model", model), ("ref", ref)):
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, args, output, key=key: seen[key].append(type(module))
+        )
+        try:
+            out = m(x).logits
+        finally:
+            handle.remove()
+        if key == "model":
+            patched_out = out
+    torch.testing.assert_close(patched_out, out, rtol=1e-5, atol=1e-5)
+    assert seen["model"] == seen["ref"] and nn.Linear in seen["model"]
+    assert not fused_calls
+
+
+def _first_layer_on_disk(model) -> dict[str, str]:
+    """An accelerate device map that offloads layer 0 to disk and keeps the rest on the CPU."""
+    inner = "base_model.model.model"
+    device_map = {
+        f"{inner}.{name}": "cpu"
+        for name, _ in model.get_submodule(inner).named_children()
+        if name != "layers"
+    }
+    num_layers = len(model.get_submodule(f"{inner}.layers"))
+    device_map.update({f"{inner}.layers.{i}": "disk" if i == 0 else "cpu" for i in range(num_layers)})
+    device_map["base_model.model.lm_head"] = "cpu"
+    return device_map
+
+
+@pytest.mark.parametrize("placement", ["dispatch_model", "cpu_offload"])
+def test_accelerate_offloading_of_a_patched_model_gives_peft_outputs(placement, tmp_path, fused_calls):
+    """accelerate hooks every sub-module of a dispatched or offloaded model (its weights move in
+    before each call, from the disk or the meta device), so every layer runs peft's forward."""
+    accelerate = pytest.importorskip("accelerate")
+    ref = peft_lora(tiny_llama(), QV)
+    model = copy.deepcopy(ref)
+    assert peftkern.patch_peft(model).num_patched == 4
+    if placement == "dispatch_model":
+        accelerate.dispatch_model(
+            model, device_map=_first_layer_on_disk(model), main_device="cpu", offload_dir=str(tmp_path)
+        )
+    else:
+        accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.is_meta
+    x = tokens()
+    torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    assert not fused_calls

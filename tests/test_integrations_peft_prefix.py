@@ -4,7 +4,13 @@ attention instead of a KV cache; same numbers, same parameters, same files as pe
 from __future__ import annotations
 
 import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +328,64 @@ def test_models_it_does_not_cover_are_skipped_with_the_reason(case, prefix_calls
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert not prefix_calls
     assert peftkern.unpatch_peft(model) == 0
+
+
+def _pickled(model):
+    return pickle.loads(pickle.dumps(model))
+
+
+def _saved_and_loaded(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "trip", [_pickled, _saved_and_loaded, copy.deepcopy], ids=["pickle", "torch.save", "deepcopy"]
+)
+def test_whole_patched_model_round_trips_still_patched(trip, prefix_calls):
+    ref = peft_prefix(tiny_llama())
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    loaded = trip(model)
+    assert peft_patch_prefix.is_patched(loaded) and loaded.forward.module is loaded
+    x = tokens(batch=3, seq=9)
+    mask = padding_mask(x)
+    with torch.no_grad():
+        ours, expected = (m(input_ids=x, attention_mask=mask).logits for m in (loaded, ref))
+    torch.testing.assert_close(ours, expected, **TIGHT)
+    assert prefix_calls == list(range(LAYERS))
+    assert peftkern.unpatch_peft(loaded) == LAYERS
+    assert loaded.get_base_model().config._attn_implementation == "sdpa"
+    assert peft_patch_prefix.is_patched(model)  # the original is untouched
+
+
+LOAD_IN_A_NEW_PROCESS = """
+import sys, torch
+from peftkern.integrations import peft_patch_prefix
+model = torch.load(sys.argv[1], weights_only=False)
+assert peft_patch_prefix.is_patched(model)
+x, mask = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=x, attention_mask=mask).logits, sys.argv[3])
+"""
+
+
+def test_saved_patched_model_runs_in_a_new_process(tmp_path):
+    """A new process has not registered peftkern's attention with transformers; loading the
+    patched model does it."""
+    ref = peft_prefix(tiny_llama())
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens(batch=3, seq=9)
+    mask = padding_mask(x)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save((x, mask), tmp_path / "inputs.pt")
+    root = Path(peftkern.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(tmp_path / name) for name in ("model.pt", "inputs.pt", "logits.pt")]
+    subprocess.run([sys.executable, "-c", LOAD_IN_A_NEW_PROCESS, *paths], check=True, env=env, timeout=300)
+    with torch.no_grad():
+        expected = ref(input_ids=x, attention_mask=mask).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, **TIGHT)

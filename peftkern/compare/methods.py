@@ -6,9 +6,6 @@ method trains. The task head (the parameters the checkpoint did not have, e.g. a
 classifier) is unfrozen afterwards for every method, so "head-only" is the floor each method
 is measured against. Learning rates are the usual ones for each kind of method: low for
 full fine-tuning, higher for the small adapters, which start from zero.
-
-A method whose peftkern module is not in this build (its `requires`), or that has no
-`apply`, stays listed as unavailable: see `register` at the end of this file.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from dataclasses import dataclass
 from torch import nn
 
 import peftkern
-import peftkern.nn
 from peftkern.compare.data import TaskKind
 from peftkern.errors import UsageError
 
@@ -40,18 +36,8 @@ class Method:
     name: str
     summary: str
     lr: float
-    apply: Callable[[nn.Module], None] | None
-    requires: tuple[str, ...] = ()  # peftkern.nn names the method is built from
+    apply: Callable[[nn.Module], None]
     kinds: tuple[TaskKind, ...] = ("classification", "causal-lm")
-
-    def unavailable_reason(self) -> str | None:
-        """None when the method can run in this build, else why not."""
-        missing = [name for name in self.requires if not hasattr(peftkern.nn, name)]
-        if missing:
-            return f"needs peftkern.nn.{missing[0]}"
-        if self.apply is None:
-            return "not wired into peftkern compare yet"
-        return None
 
 
 def _full(model: nn.Module) -> None:
@@ -60,20 +46,6 @@ def _full(model: nn.Module) -> None:
 
 def _head_only(model: nn.Module) -> None:
     """Nothing beyond the task head, which every method trains."""
-
-
-def _lora(model: nn.Module) -> None:
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
-    ]
-    if not targets:
-        raise UsageError(f"lora: the model has no linear layer named {'/'.join(LORA_TARGETS)} to adapt")
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, peftkern.nn.LoRALinear.from_linear(linear, r=LORA_RANK, lora_alpha=LORA_ALPHA))
 
 
 def _injected(name: str, inject: Callable[[nn.Module], object]) -> Callable[[nn.Module], None]:
@@ -89,6 +61,10 @@ def _injected(name: str, inject: Callable[[nn.Module], object]) -> Callable[[nn.
     return apply
 
 
+_lora = _injected(
+    "lora",
+    lambda model: peftkern.inject_lora(model, list(LORA_TARGETS), r=LORA_RANK, lora_alpha=LORA_ALPHA),
+)
 _houlsby = _injected("houlsby", lambda model: peftkern.inject_adapters(model, "houlsby", init=ADAPTER_INIT))
 _pfeiffer = _injected(
     "pfeiffer", lambda model: peftkern.inject_adapters(model, "pfeiffer", init=ADAPTER_INIT)
@@ -107,12 +83,12 @@ def register(method: Method) -> None:
 
 
 def available(kind: TaskKind) -> list[Method]:
-    return [m for m in METHODS.values() if m.unavailable_reason() is None and kind in m.kinds]
+    return [m for m in METHODS.values() if kind in m.kinds]
 
 
 def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
-    """The methods named (in that order), or every available one; a name that is unknown,
-    unavailable or unfit for the task is a UsageError."""
+    """The methods named (in that order), or every one fit for the task; a name that is
+    unknown or unfit for the task is a UsageError."""
     if not names:
         return available(kind)
     chosen = []
@@ -120,9 +96,6 @@ def select(names: list[str] | None, kind: TaskKind) -> list[Method]:
         if name not in METHODS:
             raise UsageError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
         method = METHODS[name]
-        reason = method.unavailable_reason()
-        if reason:
-            raise UsageError(f"method {name!r} is not available in this build: {reason}")
         if kind not in method.kinds:
             raise UsageError(f"method {name!r} does not apply to a {kind} task")
         chosen.append(method)
@@ -139,10 +112,9 @@ register(
 register(
     Method(
         "lora",
-        f"LoRA r={LORA_RANK} on the q and v projections (peftkern.nn.LoRALinear)",
+        f"LoRA r={LORA_RANK} on the q and v projections (peftkern.inject_lora)",
         2e-3,
         _lora,
-        ("LoRALinear",),
     )
 )
 register(
@@ -151,7 +123,6 @@ register(
         "Houlsby adapters after attention and FFN (peftkern.inject_adapters)",
         1e-3,
         _houlsby,
-        ("BottleneckAdapter",),
     )
 )
 register(
@@ -160,7 +131,6 @@ register(
         "Pfeiffer adapters after the FFN (peftkern.inject_adapters)",
         1e-3,
         _pfeiffer,
-        ("BottleneckAdapter",),
     )
 )
 register(
@@ -169,7 +139,6 @@ register(
         f"prefix tuning, {PREFIX_TOKENS} rows per layer trained directly (peftkern.inject_prefix)",
         5e-3,
         _prefix,
-        ("PrefixEncoder",),
     )
 )
 register(
@@ -178,7 +147,6 @@ register(
         f"prefix tuning with an MLP reparameterisation, hidden {PREFIX_HIDDEN} (peftkern.inject_prefix)",
         1e-3,
         _prefix_mlp,
-        ("PrefixEncoder",),
     )
 )
 register(Method("full", "full fine-tuning of every parameter", 1e-4, _full))

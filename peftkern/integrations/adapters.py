@@ -15,11 +15,11 @@ forward hook, with the adapter stored as ``self_attn.adapter`` / ``mlp.adapter``
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from peftkern.integrations.binding import bind
 from peftkern.integrations.summary import InjectSummary
 from peftkern.nn import HOULSBY, PFEIFFER, AdapterConfig, BottleneckAdapter
 
@@ -162,7 +162,7 @@ def inject_adapters(
     for _, owner, linear, adapter in chosen:
         owner.adapter = adapter
         if post_ln:
-            owner.forward = types.MethodType(forward, owner)
+            bind(owner, forward)
         else:
             # A plain attribute, not a submodule: the hook finds the adapter through its owner,
             # so the adapter is registered (and saved) once, under the owner.

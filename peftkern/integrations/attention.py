@@ -16,24 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkern.integrations.attention_registry import register_attention
-from peftkern.integrations.prefix import attend_with_prefix
+from peftkern.integrations.hf_attention import (
+    attend_with_prefix,
+    restore_attention_implementation,
+    switch_attention,
+    transformers_model,
+)
 
 ATTENTION_NAME = "peftkern"
 # The implementation this switch takes over from and falls back to.
 SDPA = "sdpa"
 WHO = "use_peftkern_attention"
-
-
-def _transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model itself, for a plain one or a peft model wrapping it."""
-    get_base_model = getattr(model, "get_base_model", None)
-    base = get_base_model() if callable(get_base_model) else model
-    if getattr(base, "config", None) is None or not hasattr(base, "set_attn_implementation"):
-        raise ValueError(
-            f"peftkern: {WHO} needs a transformers PreTrainedModel (or a peft model of one), got {type(base).__name__}"
-        )
-    return base
 
 
 def _not_covered(
@@ -86,24 +79,15 @@ def use_peftkern_attention(model: nn.Module) -> bool:
     before. Returns True when the model now uses it; False, leaving the model alone, when its
     attention implementation is not SDPA (eager, FlashAttention, ...: output that SDPA would
     not reproduce, or a GPU kernel to keep). `restore_attention` undoes it."""
-    base = _transformers_model(model)
+    base = transformers_model(model, WHO)
     current = base.config._attn_implementation
     if current == ATTENTION_NAME:
         return True
     if current != SDPA:
         return False
-    register_attention(ATTENTION_NAME, peftkern_attention)
-    base.set_attn_implementation(ATTENTION_NAME)
-    if base.config._attn_implementation != ATTENTION_NAME:  # a model without the interface
-        base.set_attn_implementation(SDPA)
-        return False
-    return True
+    return switch_attention(base, ATTENTION_NAME, peftkern_attention)
 
 
 def restore_attention(model: nn.Module) -> bool:
     """Switches a model back from peftkern's attention to SDPA; returns whether it had to."""
-    base = _transformers_model(model)
-    if base.config._attn_implementation != ATTENTION_NAME:
-        return False
-    base.set_attn_implementation(SDPA)
-    return True
+    return restore_attention_implementation(transformers_model(model, WHO), ATTENTION_NAME, SDPA)

@@ -16,12 +16,6 @@ class LoRASummary(InjectSummary):
     what = "LoRA"
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over distinct parameters, so tied weights count once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 def replace_with_lora(
     model: nn.Module,
     names: list[str],
@@ -82,5 +76,4 @@ def inject_lora(
         use_rslora=use_rslora,
         adapter_dtype=adapter_dtype,
     )
-    trainable, total = count_parameters(model)
-    return LoRASummary(trainable, total, names)
+    return LoRASummary.of(model, names)

@@ -2,16 +2,17 @@
 LoRA models are handled here (their Linear layers run the fused op), prefix-tuning models in
 `peft_patch_prefix` (the prefix goes to the concat-free prefix attention).
 
-Only the forward method of each covered layer is swapped (an instance attribute shadowing the
-class method); parameters, module tree, state_dict keys and save_pretrained/from_pretrained
-stay exactly peft's. The swapped forward re-checks the layer's state on every call and hands
-anything it does not cover back to peft's own forward, so a later merge, set_adapter,
-disable_adapter or adapter_names batch stays correct.
+Only the forward method of each covered layer is swapped (`binding.bind`: an instance attribute
+shadowing the class method, which pickles and deep-copies with the model); parameters, module
+tree, state_dict keys and save_pretrained/from_pretrained stay exactly peft's. The swapped
+forward re-checks the layer's state on every call and hands anything it does not cover back to
+peft's own forward, so a later merge, set_adapter, disable_adapter, adapter_names batch, or a
+hook added to base_layer / lora_A / lora_B / lora_dropout (accelerate's offloading, activation
+capture) stays correct.
 """
 
 from __future__ import annotations
 
-import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from peftkern.functional import autocast_enabled, lora_linear
 from peftkern.integrations import peft_patch_prefix
+from peftkern.integrations.binding import bind, bound_function, unbind
 
 
 @dataclass
@@ -72,14 +74,51 @@ def _static_reason(module: nn.Module, linear_cls: type) -> str | None:
     base = module.base_layer  # what the fused forward reads the weight and bias from
     if type(base) is not nn.Linear:
         return f"base layer is a {type(base).__name__}, not nn.Linear"
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
-        # e.g. accelerate's offloading hooks, which move the weight in before each call: the
-        # fused op reads base.weight directly and would bypass them.
-        return "base layer has forward hooks (e.g. accelerate offloading)"
     if module.fan_in_fan_out:
         return "fan_in_fan_out=True (transposed base weight)"
     if "forward" in module.__dict__:
         return "forward already replaced on the instance (e.g. an accelerate hook)"
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` would run anything besides its class's forward: hooks of its own
+    (forward, pre-forward, backward), or a forward replaced on the instance (accelerate's
+    device-placement and offload hooks)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook``, ...) exist."""
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+def _hooks_reason(module: nn.Module, name: str) -> str | None:
+    """Why this call must go to peft: the fused op reads the weights of base_layer, lora_A and
+    lora_B directly and never calls them (nor lora_dropout), so a hook on any of them, added
+    before or after patching, would be bypassed; peft's forward calls each and runs it."""
+    if _global_hooks():
+        return "global module hooks registered"
+    for child, sub in (
+        ("base_layer", module.base_layer),
+        ("lora_A", module.lora_A[name]),
+        ("lora_B", module.lora_B[name]),
+        ("lora_dropout", module.lora_dropout[name]),
+    ):
+        if _has_hooks(sub):
+            return f"{child} has hooks (e.g. accelerate offloading, activation capture)"
     return None
 
 
@@ -101,7 +140,7 @@ def _state_reason(module: nn.Module) -> str | None:
         return "lora_bias=True (bias on lora_B)"
     if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
-    return None
+    return _hooks_reason(module, name)
 
 
 def _operands(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
@@ -159,8 +198,7 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
 
 
 def _is_patched(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _fused_forward
+    return bound_function(module) is _fused_forward
 
 
 def patch_peft(peft_model: nn.Module) -> PatchReport:
@@ -191,7 +229,7 @@ def patch_peft(peft_model: nn.Module) -> PatchReport:
         if reason is not None:
             report.skipped[name] = reason
             continue
-        module.forward = types.MethodType(_fused_forward, module)
+        bind(module, _fused_forward)
         report.patched.append(name)
     return report
 
@@ -201,6 +239,6 @@ def unpatch_peft(peft_model: nn.Module) -> int:
     restored = peft_patch_prefix.unpatch_prefix(peft_model)
     for module in peft_model.modules():
         if _is_patched(module):
-            del module.forward
+            unbind(module)
             restored += 1
     return restored

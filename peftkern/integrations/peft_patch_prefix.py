@@ -24,15 +24,20 @@ through ``generate``, which never runs this forward.
 
 from __future__ import annotations
 
-import types
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from peftkern.integrations.attention_registry import register_attention
-from peftkern.integrations.prefix import attend_with_prefix
+from peftkern.integrations.binding import bind, bound_function, unbind
+from peftkern.integrations.hf_attention import (
+    attend_with_prefix,
+    attention_layers,
+    register_attention,
+    restore_attention_implementation,
+    switch_attention,
+)
 
 ATTENTION_NAME = "peftkern_peft_prefix"
 ROWS_KWARG = "peftkern_prefix_rows"
@@ -102,22 +107,6 @@ def report_key(peft_model: nn.Module) -> str:
     return f"prompt_encoder.{getattr(peft_model, 'active_adapter', 'default')}"
 
 
-def _attention_layers(base: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]] | str:
-    found = [
-        (name, m)
-        for name, m in base.named_modules()
-        if isinstance(getattr(m, "layer_idx", None), int)
-        and isinstance(getattr(m, "q_proj", None), nn.Module)
-    ]
-    indices = sorted(m.layer_idx for _, m in found)
-    if indices != list(range(num_layers)):
-        return (
-            f"expected one self-attention module (q_proj, layer_idx) per layer 0..{num_layers - 1}, "
-            f"found layer indices {indices}"
-        )
-    return found
-
-
 def _static_reason(peft_model: nn.Module) -> str | None:
     """Why peftkern can never run this model's prefix (checked once, at patch time)."""
     causal_lm_cls, peft_type = _peft_classes()
@@ -162,9 +151,10 @@ def _static_reason(peft_model: nn.Module) -> str | None:
             f"prefix shaped for {config.num_layers} layers x {heads} heads x token_dim {config.token_dim}, "
             f"model has {num_layers} layers x {num_kv_heads} key/value heads x head_dim {head_dim}"
         )
-    layers = _attention_layers(base, num_layers)
-    if isinstance(layers, str):
-        return layers
+    try:
+        attention_layers(base, num_layers)
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -266,9 +256,14 @@ def _prefix_forward(
     )
 
 
+def _register() -> None:
+    """What a patched model needs in this process: its attention implementation registered
+    (again, after the model was unpickled in a new process)."""
+    register_attention(ATTENTION_NAME, _attention)
+
+
 def is_patched(peft_model: nn.Module) -> bool:
-    forward = peft_model.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _prefix_forward
+    return bound_function(peft_model) is _prefix_forward
 
 
 def patch_prefix(peft_model: nn.Module, report: Any) -> None:
@@ -287,11 +282,8 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
         report.skipped[report_key(peft_model)] = reason
         return
     base = peft_model.get_base_model()
-    layers = _attention_layers(base, base.config.num_hidden_layers)
-    register_attention(ATTENTION_NAME, _attention)
-    base.set_attn_implementation(ATTENTION_NAME)
-    if base.config._attn_implementation != ATTENTION_NAME:
-        base.set_attn_implementation(ORIGINAL_ATTENTION)
+    layers = attention_layers(base, base.config.num_hidden_layers)
+    if not switch_attention(base, ATTENTION_NAME, _attention):
         report.skipped[report_key(peft_model)] = (
             f"{type(base).__name__} does not use transformers' attention interface"
         )
@@ -300,7 +292,7 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
     # Plain attributes (not modules or tensors): nothing enters the state_dict.
     peft_model.__dict__["_peftkern_prefix_adapter"] = peft_model.active_adapter
     peft_model.__dict__["_peftkern_prefix_layers"] = names
-    peft_model.forward = types.MethodType(_prefix_forward, peft_model)
+    bind(peft_model, _prefix_forward, prepare=_register)
     report.patched += names
 
 
@@ -309,10 +301,8 @@ def unpatch_prefix(peft_model: nn.Module) -> int:
     layers took the prefix (0 when `peft_model` was not patched)."""
     if not is_patched(peft_model):
         return 0
-    del peft_model.forward
+    unbind(peft_model)
     del peft_model.__dict__["_peftkern_prefix_adapter"]
     names = peft_model.__dict__.pop("_peftkern_prefix_layers")
-    base = peft_model.get_base_model()
-    if base.config._attn_implementation == ATTENTION_NAME:
-        base.set_attn_implementation(ORIGINAL_ATTENTION)
+    restore_attention_implementation(peft_model.get_base_model(), ATTENTION_NAME, ORIGINAL_ATTENTION)
     return len(names)

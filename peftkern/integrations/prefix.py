@@ -13,15 +13,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from peftkern.functional import prefix_attention
-from peftkern.integrations.attention_registry import register_attention
+from peftkern.integrations.hf_attention import attend_with_prefix, attention_layers, switch_attention
 from peftkern.integrations.summary import InjectSummary
 from peftkern.nn import PrefixEncoder
 
 ATTENTION_NAME = "peftkern_prefix"
+WHO = "inject_prefix"
 
 
 class PrefixSummary(InjectSummary):
@@ -57,47 +56,6 @@ class _ComputeRows:
         self.rows.layers = self.model.peftkern_prefix()
 
 
-def _padding_mask(
-    attention_mask: Tensor | None, causal: bool, n: int, who: str = "inject_prefix"
-) -> Tensor | None:
-    """transformers' 4-D mask [B, 1|H, n, n] (bool True = attend, or additive float) as
-    peftkern's key padding mask [B, n] (True = keep). Only padding (plus the causal triangle
-    when `causal`) can be expressed that way; any other pattern is refused rather than
-    silently dropped. Rows of padded queries are not checked: their outputs are never used,
-    and transformers may unmask them to avoid NaN."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (n, n):
-        raise ValueError(
-            f"peftkern: {who}: attention mask of shape {tuple(attention_mask.shape)}, expected [B, 1, {n}, {n}]"
-        )
-    allowed = (
-        attention_mask
-        if attention_mask.dtype == torch.bool
-        else attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    )
-    keep = allowed.any(dim=1).any(dim=1)  # a key is padding when no query may attend to it
-    expected = keep[:, None, None, :]
-    if causal:
-        expected = expected & torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
-    mismatch = ((allowed != expected) & keep[:, None, :, None]).any()
-    message = (
-        f"peftkern: {who}: the attention mask is not a padding mask"
-        + (" plus the causal triangle" if causal else "")
-        + " (packed sequences, sliding windows or custom masks are not supported)"
-    )
-    if torch.compiler.is_compiling():
-        # A Python branch on a tensor value breaks torch.compile's graph, in every layer, and
-        # traced transformers passes the 4-D mask for any attention_mask, padded or not. So the
-        # check runs inside the graph (a RuntimeError on CPU, a device-side assert on CUDA) and
-        # an all-True mask is kept rather than dropped.
-        torch._assert_async(~mismatch, message)
-        return keep
-    if mismatch:
-        raise ValueError(message)
-    return None if bool(keep.all()) else keep
-
-
 def peftkern_prefix_attention(
     module: nn.Module,
     query: Tensor,
@@ -119,61 +77,9 @@ def peftkern_prefix_attention(
         # The fused kernel has no attention-probability dropout; say so rather than pretend.
         warnings.warn("peftkern: inject_prefix does not apply attention dropout", stacklevel=2)
     prefix_k, prefix_v = rows.layers[module.layer_idx]
-    return attend_with_prefix(module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs)
-
-
-def attend_with_prefix(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    prefix_k: Tensor,
-    prefix_v: Tensor,
-    scaling: float | None,
-    kwargs: dict[str, Any],
-    who: str = "inject_prefix",
-) -> tuple[Tensor, None]:
-    """Self-attention of one layer over its prefix rows ``[Hkv, m, d]`` and the current tokens,
-    with transformers' mask converted to a key padding mask; the output in transformers' layout
-    ``[B, n, Hq, d]``. Shared by inject_prefix and patch_peft (`who` names the caller in errors)."""
-    n = query.shape[2]
-    if key.shape[2] != n:
-        raise NotImplementedError(
-            f"peftkern: {who} covers self-attention over the current tokens only (training, scoring); "
-            f"got {n} queries and {key.shape[2]} keys (a KV cache or cross-attention); "
-            "to generate, pass use_cache=False (each step then attends over the whole sequence)"
-        )
-    # As transformers' SDPA path: a call's is_causal wins, then the module's (decoders: True).
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    out = prefix_attention(
-        query,
-        key,
-        value,
-        prefix_k.to(query.dtype),
-        prefix_v.to(query.dtype),
-        causal=causal,
-        key_padding_mask=_padding_mask(attention_mask, causal, n, who),
-        scale=scaling,
+    return attend_with_prefix(
+        module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO
     )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _attention_layers(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
-    """The self-attention modules (they hold q/k/v projections and a layer_idx), one per layer."""
-    found = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "layer_idx", None), int)
-        and any(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "query"))
-    ]
-    if sorted(m.layer_idx for _, m in found) != list(range(num_layers)):
-        raise ValueError(
-            f"peftkern: inject_prefix: {type(model).__name__} should have one self-attention module (with a q_proj or "
-            f"query projection and a layer_idx) per layer, 0..{num_layers - 1}; found layer indices "
-            f"{sorted(m.layer_idx for _, m in found)}"
-        )
-    return found
 
 
 def inject_prefix(
@@ -207,7 +113,10 @@ def inject_prefix(
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    layers = _attention_layers(model, num_layers)
+    try:
+        layers = attention_layers(model, num_layers)
+    except ValueError as error:
+        raise ValueError(f"peftkern: {WHO}: {error}") from None
     weight = next(model.parameters())
     # Built first: a bad num_virtual_tokens or init leaves the model unchanged.
     encoder = PrefixEncoder(
@@ -220,9 +129,7 @@ def inject_prefix(
         device=weight.device,
         dtype=weight.dtype,
     )
-    register_attention(ATTENTION_NAME, peftkern_prefix_attention)
-    model.set_attn_implementation(ATTENTION_NAME)
-    if config._attn_implementation != ATTENTION_NAME:
+    if not switch_attention(model, ATTENTION_NAME, peftkern_prefix_attention):
         raise ValueError(
             f"peftkern: inject_prefix: {type(model).__name__} does not use transformers' attention interface"
         )

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from peftkern.functional import bottleneck_adapter
+from peftkern.functional import ADAPTER_ACTIVATIONS, bottleneck_adapter
 
 AdapterInit = Literal["bert", "houlsby", "zeros_up"]
 AdapterPosition = Literal["attention_output", "ffn_output"]
@@ -57,8 +57,6 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"peftkern: init must be 'bert', 'houlsby' or 'zeros_up', got {init!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
-        from peftkern.reference import ADAPTER_ACTIVATIONS
-
         if activation not in (*ADAPTER_ACTIVATIONS, "swish"):
             raise ValueError(
                 f"peftkern: activation must be one of {ADAPTER_ACTIVATIONS} (or 'swish'), got {activation!r}"
