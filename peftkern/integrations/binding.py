@@ -12,6 +12,7 @@ forward. Whether a module runs a given function is `bound_function(module) is fu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,12 @@ class BoundForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # The class forward's: callers that read the signature (Trainer does, to decide which
+        # arguments to pass) see the module as it was.
+        return inspect.signature(type(self.module).forward.__get__(self.module))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"module": self.module, "function": self.function, "prepare": self.prepare}

@@ -15,19 +15,18 @@ their labels through to the transformers model, which is the one patched.
 
 from __future__ import annotations
 
-import functools
-import types
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from peftkern.functional import linear_cross_entropy
+from peftkern.integrations.binding import bind, bound_function, unbind
 
 WHO = "use_peftkern_loss"
 IGNORE_INDEX = -100
-# The original forward, kept on the patched model so restore_loss can put it back.
+# An instance-level forward the patch found (accelerate's hooks install one), kept on the
+# model: the patched forward calls it, and restore_loss puts it back.
 _ORIGINAL = "_peftkern_original_forward"
 
 
@@ -107,44 +106,30 @@ def causal_lm_loss(
     return loss
 
 
-def _fused_loss_forward(original: Callable[..., Any]) -> Callable[..., Any]:
-    """The patched forward, a function bound to the model: it reaches the model's original
-    forward through the model itself, so a deep copy of a patched model is patched in its
-    own right. It carries the original's signature (Trainer reads it to decide whether to
-    pass num_items_in_batch)."""
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        original_forward = getattr(self, _ORIGINAL)
-        labels = kwargs.pop("labels", None)
-        if labels is None:
-            return original_forward(*args, **kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
-        with _HiddenStatesFromHead(_output_head(self)) as captured:
-            outputs = original_forward(*args, **kwargs)
-        if captured.hidden is None:
-            raise RuntimeError(f"peftkern: {WHO}: the model's forward never called its output head")
-        loss = causal_lm_loss(
-            captured.hidden,
-            captured.head,
-            labels,
-            softcap=getattr(self.config, "final_logit_softcapping", None),
-            num_items_in_batch=kwargs.get("num_items_in_batch"),
-            shift_labels=shift_labels,
-        )
-        if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
-            return (loss, *outputs[1:])
-        # A new output of the model's class: loss first, as the model's own would have it.
-        return type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k != "logits"})
-
-    underlying = getattr(original, "__func__", None)
-    if underlying is not None:
-        functools.update_wrapper(forward, underlying)
-    forward._peftkern_fused_loss = True  # type: ignore[attr-defined]
-    return forward
-
-
-def _is_patched(base: nn.Module) -> bool:
-    return _ORIGINAL in base.__dict__
+def _fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The patched forward (bound with `binding.bind`, so a pickled or copied model is patched
+    in its own right): the model's own forward, with the loss through the fused op."""
+    original_forward = self.__dict__.get(_ORIGINAL) or type(self).forward.__get__(self)
+    labels = kwargs.pop("labels", None)
+    if labels is None:
+        return original_forward(*args, **kwargs)
+    shift_labels = kwargs.pop("shift_labels", None)
+    with _HiddenStatesFromHead(_output_head(self)) as captured:
+        outputs = original_forward(*args, **kwargs)
+    if captured.hidden is None:
+        raise RuntimeError(f"peftkern: {WHO}: the model's forward never called its output head")
+    loss = causal_lm_loss(
+        captured.hidden,
+        captured.head,
+        labels,
+        softcap=getattr(self.config, "final_logit_softcapping", None),
+        num_items_in_batch=kwargs.get("num_items_in_batch"),
+        shift_labels=shift_labels,
+    )
+    if isinstance(outputs, tuple):  # return_dict=False: (logits, ...) becomes (loss, ...)
+        return (loss, *outputs[1:])
+    # A new output of the model's class: loss first, as the model's own would have it.
+    return type(outputs)(loss=loss, **{k: v for k, v in outputs.items() if k != "logits"})
 
 
 def use_peftkern_loss(model: nn.Module) -> nn.Module:
@@ -154,19 +139,20 @@ def use_peftkern_loss(model: nn.Module) -> nn.Module:
     Returns the model."""
     base = _transformers_model(model)
     _output_head(base)
-    if not _is_patched(base):
-        original = base.forward  # bound, or an instance-level forward (accelerate's hooks)
-        setattr(base, _ORIGINAL, original)
-        base.forward = types.MethodType(_fused_loss_forward(original), base)
+    if bound_function(base) is not _fused_loss_forward:
+        instance_forward = base.__dict__.pop("forward", None)
+        if instance_forward is not None:
+            base.__dict__[_ORIGINAL] = instance_forward
+        bind(base, _fused_loss_forward)
     return model
 
 
 def restore_loss(model: nn.Module) -> nn.Module:
     """Undoes ``use_peftkern_loss``: the model's own forward (and logits) again."""
     base = _transformers_model(model)
-    if _is_patched(base):
-        original = base.__dict__.pop(_ORIGINAL)
-        del base.forward
-        if original != base.forward:
-            base.forward = original  # it was an instance-level forward itself (accelerate's hooks)
+    if bound_function(base) is _fused_loss_forward:
+        unbind(base)
+        instance_forward = base.__dict__.pop(_ORIGINAL, None)
+        if instance_forward is not None:
+            base.__dict__["forward"] = instance_forward
     return model
