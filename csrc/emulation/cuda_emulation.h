@@ -29,7 +29,9 @@
 // threads is the emulator's fixed order, not the GPU's.
 #pragma once
 
-#include <math.h>  // not <cmath>: the float overloads of exp, log... in the global namespace, as nvcc has them
+// <math.h> as well: it puts the float overloads of exp, log... in the global namespace, where
+// the kernels find them under nvcc.
+#include <math.h>
 
 #include <cmath>
 #include <cstddef>
