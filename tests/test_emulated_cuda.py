@@ -19,6 +19,7 @@ from conftest import assert_close_low_precision
 from emulated_cuda import emulated_kernels
 
 from peftkern import reference
+from peftkern.functional import ADAPTER_ACTIVATIONS
 
 pytestmark = pytest.mark.emulated_cuda
 
@@ -138,7 +139,7 @@ def adapter_inputs(rows: int, r: int, dtype: torch.dtype):
 
 # 130 x 25 elements on one multiprocessor: 8 blocks of 256 threads, each looping twice.
 @pytest.mark.parametrize("dtype", ADAPTER_TYPES, ids=str)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 @pytest.mark.parametrize("with_scale_column", [False, True])
 def test_activate_kernel(kernels, dtype, activation, with_scale_column):
     rows, r, scale = 130, 24, 0.75
@@ -160,7 +161,7 @@ def test_activate_kernel(kernels, dtype, activation, with_scale_column):
 
 
 @pytest.mark.parametrize("dtype", ADAPTER_TYPES, ids=str)
-@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ADAPTER_ACTIVATIONS)
 @pytest.mark.parametrize("width", ["none", "r", "r+1"])
 def test_activate_backward_kernel(kernels, dtype, activation, width):
     rows, r, scale = 130, 24, 0.75
