@@ -65,3 +65,8 @@ __all__ += ["PrefixSummary", "inject_prefix"]
 from peftkern.integrations import restore_attention, use_peftkern_attention  # noqa: E402
 
 __all__ += ["restore_attention", "use_peftkern_attention"]
+
+from peftkern.functional import dora_linear  # noqa: E402
+from peftkern.nn import DoRALinear  # noqa: E402
+
+__all__ += ["DoRALinear", "dora_linear"]

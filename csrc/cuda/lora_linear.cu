@@ -14,6 +14,7 @@
 
 #include "../lora_linear.h"
 #include "../philox.h"
+#include "lora_kernels.h"
 
 namespace peftkern::cuda {
 namespace {
@@ -324,6 +325,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 }
 
 }  // namespace
+
+const LoraKernels& lora_kernels() {
+  return kCudaKernels;
+}
 
 TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
   m.impl("lora_linear", &lora_linear_cuda);

@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "lora_linear": "peftkern.benchmarking.lora_linear",
     "bottleneck_adapter": "peftkern.benchmarking.bottleneck_adapter",
     "prefix_attention": "peftkern.benchmarking.prefix_attention",
+    "dora_linear": "peftkern.benchmarking.dora_linear",
 }
 
 
