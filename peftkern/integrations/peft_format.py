@@ -213,7 +213,7 @@ def _read_weights(directory: Path, use_dora: bool) -> dict[str, dict[str, Tensor
     expected = {*_FACTORS, "magnitude"} if use_dora else set(_FACTORS)
     incomplete = [name for name, factors in layers.items() if set(factors) != expected]
     if incomplete or not layers:
-        what = f"lora_A, lora_B or {_MAGNITUDE_KEY}" if use_dora else "lora_A or lora_B"
+        what = f"lora_A, lora_B or {_MAGNITUDE_KEY} (use_dora=true)" if use_dora else "lora_A or lora_B"
         raise AdapterFormatError(
             f"peftkern: load_adapter: {file} lacks {what} for: {incomplete or '(every layer)'}"
         )
