@@ -4,7 +4,6 @@
 #include "tensor_utils.h"
 
 namespace peftkern {
-namespace {
 
 void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
@@ -48,6 +47,8 @@ bool needs_fused_pass(const at::Tensor& x, const at::Tensor& lora_A, double drop
   return dropout > 0.0 || x.scalar_type() != lora_A.scalar_type();
 }
 
+namespace {
+
 // dS = s·g·B and dB = s·(Sᵀ·g)ᵀ as two separate products, for a device without a one-pass
 // kernel. With float32 adapters on a half-precision g they must accumulate into float32
 // without a float32 copy of g: the device passes do exactly that (the same passes as for x,
@@ -79,6 +80,17 @@ std::tuple<at::Tensor, at::Tensor> rank_r_products_over_g(const LoraKernels& ker
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> up_project_grads(const LoraKernels& kernels,
+                                                    const at::Tensor& g2, const at::Tensor& lora_B,
+                                                    const at::Tensor& S, double scaling,
+                                                    bool need_dS, bool need_dB) {
+  if (kernels.up_project_backward != nullptr) {
+    return kernels.up_project_backward(g2, lora_B, S, scaling, need_dS, need_dB);
+  }
+  return rank_r_products_over_g(kernels, g2, lora_B, S, scaling,
+                                g2.scalar_type() != lora_B.scalar_type(), need_dS, need_dB);
+}
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     const LoraKernels& kernels, const at::Tensor& x, const at::Tensor& weight,
@@ -118,22 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
   check_dim(S, 2, "S", "[rows, r]");
   check_size(S, 1, r, "S", "the rank r");
   const auto [need_dx, need_dW, need_dbias, need_dA, need_dB] = output_mask;
-  const auto compute_type = x.scalar_type();
-  const auto adapter_type = lora_A.scalar_type();
 
   const at::Tensor g2 = rows_of(grad_y, N);
   const at::Tensor x2 = rows_of(x, K);
   const bool fused = needs_fused_pass(x, lora_A, dropout);
 
   // dS = s·g·B and dB = s·gᵀ·S: the rank-r products over g, in one pass where the device has one.
-  at::Tensor dS, dB;
-  const bool need_dS = need_dx || need_dA;
-  if (kernels.up_project_backward != nullptr) {
-    std::tie(dS, dB) = kernels.up_project_backward(g2, lora_B, S, scaling, need_dS, need_dB);
-  } else {
-    std::tie(dS, dB) = rank_r_products_over_g(kernels, g2, lora_B, S, scaling,
-                                              compute_type != adapter_type, need_dS, need_dB);
-  }
+  auto [dS, dB] = up_project_grads(kernels, g2, lora_B, S, scaling, need_dx || need_dA, need_dB);
 
   // dx = drop'(dS·A) + g·W: the LoRA term is written first (the fused pass under the mask,
   // or a rank-r GEMM), then the base GEMM accumulates into it with beta = 1, so no pass reads

@@ -35,6 +35,23 @@ struct LoraKernels {
                                                             bool need_dS, bool need_dB);
 };
 
+// The argument checks of both directions (bias may be None), naming the offending argument.
+void check_lora_args(const at::Tensor& x, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& lora_A,
+                     const at::Tensor& lora_B, double dropout,
+                     const c10::optional<at::Tensor>& seed);
+
+// Whether x must go through the device's fused pass (dropout, or a dtype conversion) on its
+// way into a rank-r projection; otherwise the vendor BLAS reads it directly.
+bool needs_fused_pass(const at::Tensor& x, const at::Tensor& lora_A, double dropout);
+
+// dS[M, r] = scaling·g·B (when need_dS) and dB[N, r] = scaling·(Sᵀ·g)ᵀ (when need_dB) over
+// g2 [M, N] (contiguous): the device's one-pass kernel where it has one, else two products.
+std::tuple<at::Tensor, at::Tensor> up_project_grads(const LoraKernels& kernels,
+                                                    const at::Tensor& g2, const at::Tensor& lora_B,
+                                                    const at::Tensor& S, double scaling,
+                                                    bool need_dS, bool need_dB);
+
 // Returns (y, S). S = drop(x)·Aᵀ is what autograd saves besides x: [M, r] in A's dtype.
 std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
     const LoraKernels& kernels, const at::Tensor& x, const at::Tensor& weight,

@@ -67,4 +67,20 @@ TORCH_LIBRARY_FRAGMENT(peftkern, m) {
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, "
       "Tensor labels, int ignore_index, str reduction, float label_smoothing, float? softcap, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // DoRA: y = x·Wᵀ + bias + (c − 1)⊙(drop(x)·Wᵀ) + c⊙scaling·(drop(x)·Aᵀ)·Bᵀ with
+  // c = magnitude / ‖W + scaling·B·A‖ per output row (the norm a constant, as in peft).
+  // weight_norm_sq is ‖W‖² per row in float32 (float64 for float64 x), cached by the caller
+  // per weight version. Returns (y, S, z, weight_norm): S = drop(x)·Aᵀ, z = drop(x)·Wᵀ +
+  // scaling·S·Bᵀ ([rows, out_features]) and the norm, which autograd saves.
+  m.def(
+      "dora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "Tensor magnitude, Tensor weight_norm_sq, float scaling, float dropout, Tensor? seed) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (dx, dW, dbias, dA, dB, dmagnitude) for output_mask in that order; a gradient not
+  // asked for is an empty tensor.
+  m.def(
+      "dora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, "
+      "Tensor lora_B, Tensor magnitude, Tensor S, Tensor z, Tensor weight_norm, float scaling, "
+      "float dropout, Tensor? seed, bool[6] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -70,3 +70,8 @@ from peftkern.functional import linear_cross_entropy  # noqa: E402
 from peftkern.integrations import restore_loss, use_peftkern_loss  # noqa: E402
 
 __all__ += ["linear_cross_entropy", "restore_loss", "use_peftkern_loss"]
+
+from peftkern.functional import dora_linear  # noqa: E402
+from peftkern.nn import DoRALinear  # noqa: E402
+
+__all__ += ["DoRALinear", "dora_linear"]

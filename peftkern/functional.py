@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from peftkern.ops import bottleneck_adapter_op, linear_cross_entropy_op, lora_linear_op, prefix_attention_op
+from peftkern.ops import (
+    bottleneck_adapter_op,
+    dora_linear_op,
+    dora_norm_dtype,
+    linear_cross_entropy_op,
+    lora_linear_op,
+    prefix_attention_op,
+)
 
 # The bottleneck adapter's activations, by the names the op takes ("swish" is also taken, as
 # another name for "silu").
@@ -180,3 +187,81 @@ def linear_cross_entropy(
         grad_mask,
     )
     return loss
+
+
+def weight_norm_sq(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``‖W_n‖²`` per output row in `dtype` (detached), cached on `weight` while it is unchanged.
+
+    The cache is keyed on the tensor's version counter (bumped by every in-place update, an
+    optimizer step included), its storage and its dtype, so a changed weight is never served
+    a stale norm. Under ``torch.compile`` it is computed in the graph instead.
+    """
+    if torch.compiler.is_compiling():
+        return torch.linalg.vector_norm(weight.detach(), dim=1, dtype=dtype).square()
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, dtype)
+    cached = getattr(weight, "_peftkern_norm_sq", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        value = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square()
+    weight._peftkern_norm_sq = (key, value)
+    return value
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    *,
+    bias: Tensor | None = None,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    """Fused DoRA linear, peft's definition with the weight norm a constant:
+    ``c = magnitude / ‖W + scaling·B·A‖`` per output row and, with ``x_d = dropout(x)``,
+    ``x·Wᵀ + bias + (c − 1)⊙(x_d·Wᵀ) + c⊙scaling·(x_d·Aᵀ)·Bᵀ``, which is
+    ``c⊙(x·Wᵀ + scaling·(x·Aᵀ)·Bᵀ) + bias`` without dropout.
+
+    Shapes and dtypes as :func:`lora_linear`, plus ``magnitude [N]`` in the adapters' dtype.
+    ``‖W‖²`` per row is cached on ``weight`` per version; nothing of size ``N×K`` is formed
+    per call. Autograd keeps ``x``, ``S = x_d·Aᵀ`` and one ``[rows, N]`` tensor in x's dtype.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"peftkern: dropout must be in [0, 1), got {dropout}")
+    device_type = x.device.type
+    if autocast_enabled(device_type):
+        # As lora_linear: the base in the autocast dtype, float32 adapters and magnitude kept.
+        # The norm is that of the weight as given (cached on it), not of a per-call cast copy.
+        dtype = torch.get_autocast_dtype(device_type)
+        norm_sq = weight_norm_sq(weight, torch.float32)  # autocast dtypes are never float64
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        if lora_A.dtype != torch.float32:
+            lora_A, lora_B, magnitude = lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _dora_linear_call(
+                x, weight, bias, lora_A, lora_B, magnitude, norm_sq, scaling, dropout, training
+            )
+    norm_sq = weight_norm_sq(weight, dora_norm_dtype(x))
+    return _dora_linear_call(x, weight, bias, lora_A, lora_B, magnitude, norm_sq, scaling, dropout, training)
+
+
+def _dora_linear_call(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    norm_sq: Tensor,
+    scaling: float,
+    dropout: float,
+    training: bool,
+) -> Tensor:
+    p = float(dropout) if training else 0.0
+    seed = draw_seed(x.device) if p > 0.0 else None
+    y, _, _, _ = dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, norm_sq, float(scaling), p, seed)
+    return y

@@ -432,3 +432,87 @@ torch.library.register_autograd(
     setup_context=_linear_cross_entropy_setup_context,
 )
 _refuse_second_derivative("linear_cross_entropy")
+
+# --- DoRA linear -----------------------------------------------------------------------------
+
+dora_linear_op = torch.ops.peftkern.dora_linear.default
+dora_linear_backward_op = torch.ops.peftkern.dora_linear_backward.default
+
+
+def dora_norm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype DoRA's weight norm is computed and passed in: float64 for float64 x, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("peftkern::dora_linear")
+def _dora_linear_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    weight_norm_sq: Tensor,
+    scaling: float,
+    dropout: float,
+    seed: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, S = _lora_linear_fake(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)
+    N = weight.shape[0]
+    torch._check(
+        magnitude.dim() == 1 and magnitude.shape[0] == N,
+        lambda: "peftkern: magnitude must be 1-D [out_features] of length weight.shape[0]",
+    )
+    torch._check(magnitude.dtype == lora_A.dtype, lambda: "peftkern: magnitude must have the dtype of lora_A")
+    z = x.new_empty((S.shape[0], N))
+    return y, S, z, x.new_empty((N,), dtype=dora_norm_dtype(x))
+
+
+@torch.library.register_fake("peftkern::dora_linear_backward")
+def _dora_linear_backward_fake(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    S: Tensor,
+    z: Tensor,
+    weight_norm: Tensor,
+    scaling: float,
+    dropout: float,
+    seed: Tensor | None,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    lora_grads = _lora_linear_backward_fake(
+        grad_y, x, weight, lora_A, lora_B, S, scaling, dropout, seed, output_mask[:5]
+    )
+    return (*lora_grads, _grad_or_empty(output_mask[5], magnitude, magnitude.shape, magnitude.dtype))
+
+
+def _dora_linear_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, lora_A, lora_B, magnitude, weight_norm_sq, scaling, dropout, seed = inputs
+    _, S, z, weight_norm = output
+    # Activations kept: x, S ([rows, r]), z ([rows, out_features] in x's dtype, what the
+    # magnitude's gradient needs), the norm ([out_features]) and the seed; the dropout mask is
+    # regenerated from the seed. weight, lora_A, lora_B and magnitude are parameters.
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z, weight_norm, seed)
+    ctx.scaling = scaling
+    ctx.dropout = dropout
+    ctx.mark_non_differentiable(S, z, weight_norm)
+
+
+def _dora_linear_backward(ctx: Any, grad_y: Tensor, *unused: Tensor | None) -> tuple[Tensor | None, ...]:
+    x, weight, lora_A, lora_B, magnitude, S, z, weight_norm, seed = ctx.saved_tensors
+    # Inputs are (x, weight, bias, lora_A, lora_B, magnitude, ...), the order the backward op returns.
+    mask = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = dora_linear_backward_op(
+        grad_y, x, weight, lora_A, lora_B, magnitude, S, z, weight_norm, ctx.scaling, ctx.dropout, seed, mask
+    )
+    return (*(g if needed else None for g, needed in zip(grads, mask)), None, None, None, None)
+
+
+torch.library.register_autograd(
+    "peftkern::dora_linear", _dora_linear_backward, setup_context=_dora_linear_setup_context
+)
+_refuse_second_derivative("dora_linear")

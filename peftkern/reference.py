@@ -173,3 +173,30 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing,
     )
     return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    bias: Tensor | None = None,
+    scaling: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> Tensor:
+    """peft's DoRA written out: ``n = ‖W + s·B·A‖`` per row from the explicit N×K sum
+    (detached), ``c = magnitude / n`` and ``x·Wᵀ + bias + (c − 1)⊙(x_d·Wᵀ) + c⊙s·(x_d·Aᵀ)·Bᵀ``."""
+    K = x.shape[-1]
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)
+    norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        combined = weight.to(norm_dtype) + scaling * (lora_B.to(norm_dtype) @ lora_A.to(norm_dtype))
+        norm = torch.linalg.vector_norm(combined, dim=1)
+    c = magnitude.to(norm_dtype) / norm
+    dropped = dropout(x2d.to(lora_A.dtype), dropout_p, seed)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_A), lora_B) * scaling
+    base_dropped = torch.nn.functional.linear(dropout(x2d, dropout_p, seed), weight)
+    y = torch.nn.functional.linear(x2d, weight, bias) + (c - 1) * base_dropped + c * lora
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -230,3 +230,32 @@ def _linear_cross_entropy_backward_samples(device: str) -> list[tuple]:
 
 SAMPLES["linear_cross_entropy"] = _linear_cross_entropy_samples
 SAMPLES["linear_cross_entropy_backward"] = _linear_cross_entropy_backward_samples
+
+
+def _dora_linear_samples(device: str) -> list[tuple]:
+    samples = []
+    for x, weight, bias, lora_A, lora_B, scaling, dropout, seed in _lora_linear_samples(device):
+        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        norm_sq = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=norm_dtype).square()
+        magnitude = (norm_sq.sqrt() * 1.5).to(lora_A.dtype).requires_grad_()
+        samples.append((x, weight, bias, lora_A, lora_B, magnitude, norm_sq, scaling, dropout, seed))
+    return samples
+
+
+def _dora_linear_backward_samples(device: str) -> list[tuple]:
+    samples = []
+    for args in _dora_linear_samples(device):
+        x, weight, bias, lora_A, lora_B, magnitude, norm_sq, scaling, dropout, seed = args
+        y, S, z, norm = torch.ops.peftkern.dora_linear(*args)
+        inputs = [t.detach() for t in (x, weight, lora_A, lora_B, magnitude)]
+        for mask in (
+            [True] * 6,
+            [True, False, False, True, True, True],
+            [False, True, False, False, False, True],
+        ):
+            samples.append((torch.randn_like(y), *inputs, S, z, norm, scaling, dropout, seed, mask))
+    return samples
+
+
+SAMPLES["dora_linear"] = _dora_linear_samples
+SAMPLES["dora_linear_backward"] = _dora_linear_backward_samples

@@ -20,6 +20,7 @@
 
 #include "../lora_linear.h"
 #include "dropout_rows.h"
+#include "lora_kernels.h"
 #include "rows.h"
 
 namespace peftkern::cpu {
@@ -175,6 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 }
 
 }  // namespace
+
+const LoraKernels& lora_kernels() {
+  return kCpuKernels;
+}
 
 TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
   m.impl("lora_linear", &lora_linear_cpu);

@@ -10,6 +10,7 @@
 
 #include "../lora_linear.h"
 #include "kernels/lora_linear.cuh"
+#include "lora_kernels.h"
 
 namespace peftkern::cuda {
 namespace {
@@ -140,6 +141,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
 }
 
 }  // namespace
+
+const LoraKernels& lora_kernels() {
+  return kCudaKernels;
+}
 
 TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
   m.impl("lora_linear", &lora_linear_cuda);

@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "bottleneck_adapter": "peftkern.benchmarking.bottleneck_adapter",
     "prefix_attention": "peftkern.benchmarking.prefix_attention",
     "linear_cross_entropy": "peftkern.benchmarking.linear_cross_entropy",
+    "dora_linear": "peftkern.benchmarking.dora_linear",
 }
 
 

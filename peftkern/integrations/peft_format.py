@@ -1,7 +1,8 @@
 """save_adapter / load_adapter: peftkern LoRA weights in `peft`'s on-disk format.
 
 The directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
-``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``, exactly what
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and
+``.lora_magnitude_vector`` for DoRA, ``use_dora: true``), exactly what
 ``PeftModel.save_pretrained`` writes for the default adapter, so either library loads the
 other's files.
 """
@@ -21,17 +22,18 @@ from torch import Tensor, nn
 
 from peftkern.integrations.inject import replace_with_lora
 from peftkern.integrations.targets import is_plain_linear, name_matches
-from peftkern.nn import LoRALinear
+from peftkern.nn import DoRALinear, LoRALinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _FACTORS = ("lora_A", "lora_B")
+# DoRA's magnitude: peft's key (no ".weight"), and the DoRALinear parameter it fills.
+_MAGNITUDE_KEY = "lora_magnitude_vector"
 
 # Config fields that mean something peftkern's LoRALinear does not compute; a file that sets
 # any of them is refused rather than loaded into a model that would then be silently wrong.
 _UNSUPPORTED = (
-    "use_dora",
     "lora_bias",
     "fan_in_fan_out",
     "modules_to_save",
@@ -121,7 +123,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         "target_modules": _target_modules(model, names),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": _shared_setting(layers, "use_dora"),
         "lora_bias": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -134,6 +136,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         for name, layer in layers.items()
         for factor in _FACTORS
     }
+    tensors.update(
+        {
+            f"{_PREFIX}{name}.{_MAGNITUDE_KEY}": layer.magnitude.detach().contiguous().cpu()
+            for name, layer in layers.items()
+            if isinstance(layer, DoRALinear)
+        }
+    )
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     st = _safetensors()
@@ -176,8 +185,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, dict[str, Tensor]]:
-    """{module path: {"lora_A": A, "lora_B": B}} from the safetensors file, or an error."""
+def _read_weights(directory: Path, use_dora: bool) -> dict[str, dict[str, Tensor]]:
+    """{module path: {"lora_A": A, "lora_B": B(, "magnitude": m)}} from the safetensors file,
+    or an error."""
     file = directory / WEIGHTS_NAME
     if not file.exists():
         raise AdapterFormatError(f"peftkern: load_adapter: {file} does not exist")
@@ -189,6 +199,9 @@ def _read_weights(directory: Path) -> dict[str, dict[str, Tensor]]:
         ) from exc
     layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
+        if use_dora and key.startswith(_PREFIX) and key.endswith(f".{_MAGNITUDE_KEY}"):
+            layers.setdefault(key[len(_PREFIX) : -len(_MAGNITUDE_KEY) - 1], {})["magnitude"] = tensor
+            continue
         stem, _, suffix = key.rpartition(".")
         module_path, _, factor = stem.rpartition(".")
         if not key.startswith(_PREFIX) or suffix != "weight" or factor not in _FACTORS:
@@ -197,10 +210,12 @@ def _read_weights(directory: Path) -> dict[str, dict[str, Tensor]]:
                 f"not of the form {_PREFIX}<module>.lora_A|lora_B.weight"
             )
         layers.setdefault(module_path[len(_PREFIX) :], {})[factor] = tensor
-    incomplete = [name for name, factors in layers.items() if len(factors) != 2]
+    expected = {*_FACTORS, "magnitude"} if use_dora else set(_FACTORS)
+    incomplete = [name for name, factors in layers.items() if set(factors) != expected]
     if incomplete or not layers:
+        what = f"lora_A, lora_B or {_MAGNITUDE_KEY} (use_dora=true)" if use_dora else "lora_A or lora_B"
         raise AdapterFormatError(
-            f"peftkern: load_adapter: {file} lacks lora_A or lora_B for: {incomplete or '(every layer)'}"
+            f"peftkern: load_adapter: {file} lacks {what} for: {incomplete or '(every layer)'}"
         )
     return layers
 
@@ -222,7 +237,17 @@ def _check_fits(
             raise AdapterFormatError(
                 f"peftkern: load_adapter: {where} has weights for {name!r}, a {type(module).__name__}, not nn.Linear"
             )
-        expected = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r)}
+        expected = {
+            "lora_A": (r, module.in_features),
+            "lora_B": (module.out_features, r),
+            "magnitude": (module.out_features,),
+        }
+        use_dora = bool(config.get("use_dora"))
+        if isinstance(module, LoRALinear) and isinstance(module, DoRALinear) != use_dora:
+            raise AdapterFormatError(
+                f"peftkern: load_adapter: {name} is a {type(module).__name__} but {where} has "
+                f"use_dora={use_dora}"
+            )
         for factor, tensor in factors.items():
             if tuple(tensor.shape) != expected[factor] or not tensor.is_floating_point():
                 raise AdapterFormatError(
@@ -252,7 +277,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     model is left as it was."""
     directory = Path(path)
     config = _read_config(directory)
-    weights = _read_weights(directory)
+    weights = _read_weights(directory, bool(config.get("use_dora")))
     _check_fits(model, weights, config, directory)
     to_inject = [n for n in weights if not isinstance(model.get_submodule(n), LoRALinear)]
     if to_inject:
@@ -263,9 +288,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             lora_alpha=config["lora_alpha"],
             lora_dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
         )
     for name, factors in weights.items():
         layer = model.get_submodule(name)
         layer.lora_A.copy_(factors["lora_A"])
         layer.lora_B.copy_(factors["lora_B"])
+        if "magnitude" in factors:
+            layer.magnitude.copy_(factors["magnitude"])
     return list(weights)

@@ -22,3 +22,7 @@ __all__ = [
     "count_trainable",
     "format_trainable",
 ]
+
+from peftkern.nn.dora import DoRALinear  # noqa: E402
+
+__all__ += ["DoRALinear"]

@@ -24,6 +24,8 @@ class LoRALinear(nn.Module):
     of a plain linear; ``unmerge()`` takes it out again.
     """
 
+    use_dora = False  # DoRALinear sets it; peft's adapter config field of the same name
+
     def __init__(
         self,
         in_features: int,
