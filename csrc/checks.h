@@ -13,10 +13,6 @@ inline std::string shape_str(const at::Tensor& t) {
   return c10::str(t.sizes());
 }
 
-inline void check_defined(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "peftkern: ", name, " must be a tensor, got None");
-}
-
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
   TORCH_CHECK(t.dim() == dim, "peftkern: ", name, " must be ", dim, "-D ", layout, ", got shape ",
               shape_str(t));

@@ -70,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor> rank_r_products_over_g(const LoraKernels& ker
       kernels.down_project_backward(g2, lora_B.t(), S, 0.0, c10::nullopt, dB_t, no_dx);
       dB = dB_t.t().contiguous();
     } else {
-      // As (Sᵀ·g)ᵀ: a GEMM with r output rows and g in its natural layout (on the CPU BLAS
-      // twice as fast as gᵀ·S).
+      // As (Sᵀ·g)ᵀ: a GEMM with r output rows and g in its natural layout, which the CPU BLAS
+      // runs faster than gᵀ·S (g read transposed).
       dB = at::mm(S.t(), g2).t().contiguous();
     }
     dB.mul_(scaling);

@@ -31,9 +31,6 @@ TORCH_LIBRARY(peftkern, m) {
       "Tensor? b_up, Tensor pre_activation, str activation, float scaling, "
       "Tensor? scaling_vector, bool residual_is_h, bool[6] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_FRAGMENT(peftkern, m) {
   // softmax(q·[P_K; K]ᵀ·scale + mask)·[P_V; V] without building [P_K; K]. q [B, Hq, n, d];
   // k, v [B, Hkv, n, d] (Hq a multiple of Hkv); prefix_k, prefix_v [Hkv, m, d] (shared) or
   // [B, Hkv, m, d]; key_padding_mask [B, n] bool, True = keep (hides sequence keys only).

@@ -12,9 +12,12 @@
 //
 // The prefix part is GEMMs through ATen plus the device's row softmax pass (the prefix scores
 // are one unmasked block of m keys). The sequence part and the merge pass come from the
-// device (`PrefixAttentionKernels`): an attention that reports its lse. A device may instead
-// run the whole attention in one kernel where it covers the inputs (the CPU does for
-// float32: a flash kernel that takes the prefix rows as its first key block).
+// device (`PrefixAttentionKernels`): an attention that reports its lse.
+//
+// This is the algorithm, not the op's dispatch: each device's entry points
+// (cpu/prefix_attention.cpp, cuda/prefix_attention.cu) choose the kernel for a call and call
+// this where they have no single kernel for the whole attention. The op's argument checks
+// and the form of its results are in prefix_attention_op.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +25,6 @@
 #include "blockwise_attention.h"
 
 #include <array>
-#include <optional>
 #include <tuple>
 
 namespace peftkern {
@@ -49,22 +51,9 @@ struct PrefixAttentionKernels {
   void (*merge)(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2);
   // Row passes; the prefix part uses softmax_rows / probs_rows on its [B·Hkv, g·n, m] scores.
   AttentionRowKernels rows;
-  // Optional: the whole attention, prefix and sequence, in one kernel (nullptr where a device
-  // has none); nullopt, having done nothing, for inputs it does not cover. Tensors as for the
-  // parts above; mask [B, n] bool or undefined.
-  //   forward:  (out [B, Hq, n, d] in the heads layout, lse [B, Hq, n]).
-  //   backward: (dq, dk, dv, per-example prefix grads [B, Hkv, m, d]), each undefined when
-  //             its output_mask entry is false.
-  std::optional<std::tuple<at::Tensor, at::Tensor>> (*fused_forward)(
-      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
-      const at::Tensor& prefix_v, const at::Tensor& mask, bool causal, double scale);
-  std::optional<std::array<at::Tensor, 5>> (*fused_backward)(
-      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-      const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
-      const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-      std::array<bool, 5> output_mask);
 };
 
+// The op by this algorithm; both check the op's arguments first.
 // Returns (out [B, Hq, n, d] in q's dtype, lse [B, Hq, n] in float32, float64 for float64 q).
 std::tuple<at::Tensor, at::Tensor> prefix_attention_forward(
     const PrefixAttentionKernels& kernels, const at::Tensor& q, const at::Tensor& k,

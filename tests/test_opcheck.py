@@ -30,7 +30,11 @@ def test_opcheck(op_name, device):
 
 
 def _first_sample_with_grad(op_name: str, device: str) -> tuple:
-    return SAMPLES[op_name](device)[0]
+    """The first sample of op_name with a non-empty tensor argument that requires grad."""
+    for args in SAMPLES[op_name](device):
+        if any(isinstance(a, torch.Tensor) and a.requires_grad and a.numel() > 0 for a in args):
+            return args
+    pytest.fail(f"{op_name} has no sample with a non-empty tensor that requires grad")
 
 
 @pytest.mark.parametrize("device", DEVICES)

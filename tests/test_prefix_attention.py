@@ -271,9 +271,11 @@ def test_shared_prefix_gradient_is_bitwise_deterministic(device):
 
 def test_cpu_float32_result_does_not_depend_on_the_thread_count():
     # Several query blocks, key blocks (n > 256) and forward spans (which depend on the thread
-    # count); GQA, head_dim off the vector width, padding mask. The backward owns one
-    # (example, key/value head) per unit and a span never changes a row's arithmetic, so the
-    # results are bitwise the same on any number of threads.
+    # count); GQA, head_dim off the vector width, padding mask. A forward span starts at a
+    # multiple of the query block, so it never changes a row's arithmetic; a backward unit owns
+    # one (example, query head) and, with GQA, its own share of the key/value and prefix
+    # gradients, summed over each group in a fixed order. So the results are bitwise the same
+    # on any number of threads.
     inp = make_inputs(2, 4, 2, 300, 7, 24, dtype=torch.float32)
     mask = make_mask(2, 300, "random")
     threads = torch.get_num_threads()
@@ -329,8 +331,10 @@ BAD_INPUTS = [
 ]
 
 
+# float32 runs the CPU's flash kernel and float64 the merge orchestration: both check alike.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("changes,message", BAD_INPUTS)
-def test_bad_shapes_name_the_argument(changes, message):
+def test_bad_shapes_name_the_argument(changes, message, dtype):
     shapes = {
         "q": (2, 4, 5, 8),
         "k": (2, 2, 5, 8),
@@ -339,9 +343,30 @@ def test_bad_shapes_name_the_argument(changes, message):
         "prefix_v": (2, 3, 8),
     }
     shapes.update(changes)
-    args = [torch.randn(*shapes[k]) for k in NAMES]
+    args = [torch.randn(*shapes[k], dtype=dtype) for k in NAMES]
     with pytest.raises(RuntimeError, match=message):
         prefix_attention_op(*args, None, True, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "name,shape,message",
+    [
+        ("grad_out", (2, 4, 5, 7), r"grad_out must have the shape of q"),
+        ("out", (2, 4, 4, 8), r"out must have the shape of q"),
+        ("lse", (2, 4, 5, 1), r"lse must have shape \[batch, heads, seq\] = \[2, 4, 5\]"),
+    ],
+)
+def test_bad_backward_arguments_name_the_argument(name, shape, message, dtype):
+    inp = make_inputs(2, 4, 2, 5, 3, 8, dtype=dtype)
+    args = [inp[k] for k in NAMES]
+    out, lse = prefix_attention_op(*args, None, True, 0.5)
+    given = {"grad_out": torch.ones_like(out), "out": out, "lse": lse}
+    given[name] = torch.zeros(shape, dtype=given[name].dtype)
+    with pytest.raises(RuntimeError, match=message):
+        prefix_attention_backward_op(
+            given["grad_out"], *args, None, given["out"], given["lse"], True, 0.5, [True] * 5
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 // Row kernels of the bottleneck adapter's elementwise pass over the M×r bottleneck on the CPU.
-// Compiled once per x86 vector ISA like dropout_rows.h, and dispatched with the ISA that
-// dropout_rows selected for this CPU.
+// Compiled once per x86 vector ISA (isa_variants.h) and dispatched with the ISA that isa.h
+// selects once per process, as every CPU row kernel is: the best the CPU supports, or a lesser
+// one asked for with PEFTKERN_CPU_ISA.
 #pragma once
 
 #include <cstdint>

@@ -26,8 +26,8 @@ void visit_dtype(Dtype dtype, F&& f) {
 }
 
 // Dropout multipliers are produced 64 columns (16 Philox groups) at a time. The AVX-512
-// variant evaluates the 16 Philox calls in the lanes of one vector, about twice as fast as
-// what GCC makes of the scalar code (which it vectorises 4 groups wide); the words and the
+// variant evaluates the 16 Philox calls in the lanes of one vector, faster than what GCC
+// makes of the scalar code (which it vectorises 4 groups wide); the words and the
 // keep rule are exactly those of philox.h, so the mask is bitwise that of CUDA and of the
 // Python reference.
 constexpr int64_t kMaskBlock = 64;

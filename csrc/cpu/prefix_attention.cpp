@@ -1,147 +1,32 @@
-// CPU side of the prefix attention. float32 (the dtype of training, and what half-precision
-// inputs are computed in) runs the flash kernel (flash_attention.h): prefix rows and sequence
-// keys in one pass, faster than ATen's own CPU flash attention without a prefix. float64 and
-// empty inputs run the device-agnostic orchestration (../prefix_attention.cpp) with the
-// blockwise sequence part that the CUDA build uses (../blockwise_attention.h), the row passes
-// below and a merge pass: float64 is the dtype of the exact reference tests and gradcheck, so
-// that orchestration is verified on every machine, GPU or not.
-#include <ATen/Parallel.h>
+// CPU side of the prefix attention: which kernel runs a call.
+//   - Computed in float32 (float32, and half-precision inputs, which attention computes in
+//     float32) with at least one query and one key: the flash kernel
+//     (flash_attention_f32.h), prefix rows and sequence keys in one pass. This is the path of
+//     training.
+//   - Everything else (float64, inputs without a query or a key): the merge orchestration
+//     (../prefix_attention.h) with the blockwise sequence part that the CUDA build uses
+//     (../blockwise_attention.h), the row passes of attention_row_passes.h and their merge.
+//     float64 is the dtype of the exact reference tests and gradcheck, so that orchestration
+//     is verified on every machine, GPU or not.
+// Both keep the op's contract (../prefix_attention_op.h): the same argument checks, the same
+// form of results.
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
+#include <array>
+#include <tuple>
+#include <utility>
 
 #include "../blockwise_attention.h"
 #include "../prefix_attention.h"
-#include "flash_attention.h"
+#include "../prefix_attention_op.h"
+#include "../tensor_utils.h"
+#include "attention_row_passes.h"
+#include "flash_attention_f32.h"
 
 namespace peftkern::cpu {
 namespace {
 
-template <typename T>
-constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-
-// The row passes: the float64 sequence path, where exactness matters more than speed, and the
-// prefix softmax, whose rows are only m long; plain loops over std::exp serve both.
-
-// Masks (padding, and keys past `visible`) and scales row[0, keys) in place; returns the max.
-template <typename T>
-T mask_scale_max(T* row, int64_t visible, int64_t keys, const bool* keep, T scale) {
-  T mx = kNegInf<T>;
-  for (int64_t j = 0; j < keys; ++j) {
-    const T x = j < visible && (keep == nullptr || keep[j]) ? row[j] * scale : kNegInf<T>;
-    row[j] = x;
-    mx = std::max(mx, x);
-  }
-  return mx;
-}
-
-// row[j] = exp(row[j] - shift) in place; returns the sum.
-template <typename T>
-T exp_shift_sum(T* row, int64_t keys, T shift) {
-  T sum = 0;
-  for (int64_t j = 0; j < keys; ++j) {
-    row[j] = std::exp(row[j] - shift);
-    sum += row[j];
-  }
-  return sum;
-}
-
-template <typename T>
-T softmax_row(T* row, int64_t visible, int64_t keys, const bool* keep, T scale) {
-  const T mx = mask_scale_max(row, visible, keys, keep, scale);
-  if (mx == kNegInf<T>) {  // no visible key: an all-zero row, lse = -inf
-    std::fill(row, row + keys, T(0));
-    return kNegInf<T>;
-  }
-  const T sum = exp_shift_sum(row, keys, mx);
-  for (int64_t j = 0; j < keys; ++j) row[j] /= sum;
-  return mx + std::log(sum);
-}
-
-template <typename T>
-void probs_row(T* row, int64_t visible, int64_t keys, const bool* keep, T scale, T lse) {
-  if (lse == kNegInf<T>) {
-    std::fill(row, row + keys, T(0));
-    return;
-  }
-  mask_scale_max(row, visible, keys, keep, scale);
-  exp_shift_sum(row, keys, lse);
-}
-
-// Calls body(row_ptr, visible_keys, keys, keep_row, lse_index) for every row of a block
-// score matrix [B·Hkv, g·rows, keys], on all threads.
-template <typename T, typename F>
-void for_each_row(at::Tensor& scores, const at::Tensor& mask, const AttentionBlock& b, F&& body) {
-  const int64_t R = scores.size(1), keys = scores.size(2);
-  T* data = scores.data_ptr<T>();
-  const bool* keep = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, keys));
-  at::parallel_for(0, scores.size(0) * R, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t bh = idx / R, r = idx % R;
-      const int64_t i = b.q_begin + r % b.rows;
-      const int64_t visible = b.causal ? std::min(keys, i + 1) : keys;
-      const bool* keep_row = keep ? keep + (bh / b.heads_kv) * b.n : nullptr;
-      const int64_t lse_index = (bh * b.group + r / b.rows) * b.n + i;
-      body(data + idx * keys, visible, keys, keep_row, lse_index);
-    }
-  });
-}
-
-void softmax_rows(at::Tensor& scores, at::Tensor& lse, const at::Tensor& mask,
-                  const AttentionBlock& b) {
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_softmax", [&] {
-    scalar_t* lse_data = lse.data_ptr<scalar_t>();
-    const auto scale = static_cast<scalar_t>(b.scale);
-    for_each_row<scalar_t>(
-        scores, mask, b,
-        [&](scalar_t* row, int64_t visible, int64_t keys, const bool* keep, int64_t lse_index) {
-          lse_data[lse_index] = softmax_row(row, visible, keys, keep, scale);
-        });
-  });
-}
-
-void probs_rows(at::Tensor& scores, const at::Tensor& lse, const at::Tensor& mask,
-                const AttentionBlock& b) {
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "peftkern_prefix_probs", [&] {
-    const scalar_t* lse_data = lse.const_data_ptr<scalar_t>();
-    const auto scale = static_cast<scalar_t>(b.scale);
-    for_each_row<scalar_t>(
-        scores, mask, b,
-        [&](scalar_t* row, int64_t visible, int64_t keys, const bool* keep, int64_t lse_index) {
-          probs_row(row, visible, keys, keep, scale, lse_data[lse_index]);
-        });
-  });
-}
-
-void merge(at::Tensor& out, at::Tensor& lse, const at::Tensor& o2, const at::Tensor& lse2) {
-  const int64_t d = out.size(-1), rows = lse.numel();
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "peftkern_prefix_merge", [&] {
-    scalar_t* out_data = out.data_ptr<scalar_t>();
-    scalar_t* lse_data = lse.data_ptr<scalar_t>();
-    const scalar_t* o2_data = o2.const_data_ptr<scalar_t>();
-    const scalar_t* lse2_data = lse2.const_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t l1 = lse_data[row], l2 = lse2_data[row];
-        const scalar_t hi = std::max(l1, l2);  // finite: lse2 is (m > 0)
-        const scalar_t w1 = std::exp(l1 - hi), w2 = std::exp(l2 - hi);
-        const scalar_t total = w1 + w2;
-        const scalar_t a1 = w1 / total, a2 = w2 / total;
-        scalar_t* dst = out_data + row * d;
-        const scalar_t* src2 = o2_data + row * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = a1 * dst[c] + a2 * src2[c];
-        lse_data[row] = hi + std::log(total);
-      }
-    });
-  });
-}
-
-constexpr AttentionRowKernels kCpuRows{&softmax_rows, &probs_rows, 4 << 20};
+constexpr AttentionRowKernels kCpuRows{&attention_softmax_rows, &attention_probs_rows, 4 << 20};
 
 std::tuple<at::Tensor, at::Tensor> sequence_forward(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& v, const at::Tensor& mask,
@@ -157,15 +42,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
                                       needed);
 }
 
-constexpr PrefixAttentionKernels kCpuKernels{
-    &sequence_forward, &sequence_backward, &merge, kCpuRows, &flash_forward, &flash_backward};
+constexpr PrefixAttentionKernels kCpuMergeKernels{&sequence_forward, &sequence_backward,
+                                                  &attention_merge_rows, kCpuRows};
+
+// The flash kernel takes float32 with rows of d contiguous.
+at::Tensor in_float(const at::Tensor& t) {
+  return in_compute(t, at::kFloat);
+}
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const c10::optional<at::Tensor>& key_padding_mask, bool causal,
     double scale) {
-  return prefix_attention_forward(kCpuKernels, q, k, v, prefix_k, prefix_v, key_padding_mask,
-                                  causal, scale);
+  if (!flash_attention_f32_covers(q, k)) {
+    return prefix_attention_forward(kCpuMergeKernels, q, k, v, prefix_k, prefix_v, key_padding_mask,
+                                    causal, scale);
+  }
+  check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask);
+  auto [out, lse] = flash_attention_f32_forward(
+      in_float(q), in_float(k), in_float(v), in_float(prefix_k), in_float(prefix_v),
+      key_padding_mask_or_undefined(key_padding_mask), causal, scale);
+  return {in_heads_layout(out, q), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -175,8 +72,17 @@ prefix_attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, c
                               const c10::optional<at::Tensor>& key_padding_mask,
                               const at::Tensor& out, const at::Tensor& lse, bool causal,
                               double scale, std::array<bool, 5> output_mask) {
-  return prefix_attention_backward(kCpuKernels, grad_out, q, k, v, prefix_k, prefix_v,
-                                   key_padding_mask, out, lse, causal, scale, output_mask);
+  if (!flash_attention_f32_covers(q, k)) {
+    return prefix_attention_backward(kCpuMergeKernels, grad_out, q, k, v, prefix_k, prefix_v,
+                                     key_padding_mask, out, lse, causal, scale, output_mask);
+  }
+  const PrefixAttentionShape s = check_prefix_attention_backward_args(
+      grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse);
+  std::array<at::Tensor, 5> grads = flash_attention_f32_backward(
+      in_float(grad_out), in_float(q), in_float(k), in_float(v), in_float(prefix_k),
+      in_float(prefix_v), key_padding_mask_or_undefined(key_padding_mask), in_float(out),
+      in_float(lse), causal, scale, output_mask);
+  return prefix_attention_grads(s, q, k, v, prefix_k, prefix_v, std::move(grads), output_mask);
 }
 
 }  // namespace

@@ -116,11 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_backward(
                                       needed);
 }
 
-// No fused kernel: FlashAttention (or the blockwise path) for the sequence, the prefix as
-// batched GEMMs and the row passes above, then the merge.
-constexpr PrefixAttentionKernels kCudaKernels{
-    &sequence_forward,         &sequence_backward, &merge, kCudaRows, /*fused_forward=*/nullptr,
-    /*fused_backward=*/nullptr};
+// Every call runs the merge orchestration: FlashAttention (or the blockwise path) for the
+// sequence, the prefix as batched GEMMs and the row passes above, then the merge.
+constexpr PrefixAttentionKernels kCudaKernels{&sequence_forward, &sequence_backward, &merge,
+                                              kCudaRows};
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,

@@ -1,9 +1,10 @@
-// The body of the float32 flash attention (flash_attention_kernel.h). Without an include guard
-// and without includes on purpose: flash_attention.cpp includes it once per vector ISA, inside a
-// namespace and a `#pragma GCC target` region.
+// The body of the float32 flash attention (flash_attention_f32_kernel.h). Without an include
+// guard and without includes on purpose: flash_attention_f32.cpp includes it once per vector
+// ISA (isa_variants.h), inside a namespace and a `#pragma GCC target` region.
 //
-// Vectors are GCC vector types of one register of the ISA (`Lanes`: kLanes floats; GCC keeps
-// a wider vector type in memory between operations, which made an AVX2 build 10× slower).
+// Vectors are GCC vector types of one register of the ISA (`Lanes`: kLanes floats), never
+// wider: GCC keeps a vector type wider than the target's registers in memory between
+// operations.
 // Every product goes through one micro-kernel, gemm_rows: a tile of kTileRows rows ×
 // kTileVectors column vectors of the result stays in registers (enough independent chains to
 // keep the FMA units busy, leaving registers for the operands) while the inner dimension
@@ -23,10 +24,10 @@ constexpr int kTileVectors = 2;
 #endif
 constexpr int kTileRows = 4;
 
-// Sequence keys per key block, and query rows per block: forward (flash_attention.h) and
-// backward. A forward query block streams every key block it sees past its accumulators, so
-// it is taller; a backward one holds P and dS for the whole key block. The scores of a block
-// (at most 64 × 256 floats) stay in the L2 cache.
+// Sequence keys per key block, and query rows per block: forward (kFlashQueryBlock,
+// flash_attention_f32_kernel.h) and backward. A forward query block streams every key block
+// it sees past its accumulators, so it is taller; a backward one holds P and dS for the whole
+// key block. The scores of a block (at most 64 × 256 floats) stay in the L2 cache.
 constexpr int64_t kKeyBlock = 256;
 constexpr int64_t kQueryBlock = kFlashQueryBlock;
 constexpr int64_t kBackwardQueryBlock = 32;

@@ -1,7 +1,7 @@
 // The float32 flash attention kernel's view of one call (`FlashAttention`: pointers, strides,
 // shapes) and its units of work, each compiled once per x86 vector ISA
-// (flash_attention_impl.h). flash_attention.cpp builds the call from tensors and runs the
-// units on all threads.
+// (flash_attention_f32_impl.h). flash_attention_f32.cpp builds the call from tensors and runs
+// the units on all threads.
 #pragma once
 
 #include <cstdint>

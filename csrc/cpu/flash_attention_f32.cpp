@@ -1,4 +1,4 @@
-#include "flash_attention.h"
+#include "flash_attention_f32.h"
 
 #include <ATen/Parallel.h>
 
@@ -9,7 +9,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "flash_attention_kernel.h"
+#include "../tensor_utils.h"
+#include "flash_attention_f32_kernel.h"
 #include "isa.h"
 
 // The kernels pass GCC vector types between inline helpers of this file only, so the ABI note
@@ -21,7 +22,7 @@
 
 namespace peftkern::cpu {
 
-#define PEFTKERN_ISA_IMPL "flash_attention_impl.h"
+#define PEFTKERN_ISA_IMPL "flash_attention_f32_impl.h"
 #include "isa_variants.h"
 #undef PEFTKERN_ISA_IMPL
 
@@ -35,12 +36,6 @@ void flash_backward_unit(const FlashAttention& a, int64_t b, int64_t h) {
 }
 
 namespace {
-
-// The flash kernel covers float32 with at least one query and one key; everything else takes
-// the part-by-part path.
-bool flash_covers(const at::Tensor& q, const at::Tensor& k) {
-  return q.scalar_type() == at::kFloat && q.numel() > 0 && k.numel() > 0;
-}
 
 FlashRows flash_rows(const at::Tensor& t) {
   if (!t.defined()) return {};
@@ -97,10 +92,13 @@ at::Tensor sum_over_groups(const at::Tensor& shares, int64_t kv_heads) {
 
 }  // namespace
 
-std::optional<std::tuple<at::Tensor, at::Tensor>> flash_forward(
+bool flash_attention_f32_covers(const at::Tensor& q, const at::Tensor& k) {
+  return compute_type(q) == at::kFloat && q.numel() > 0 && k.numel() > 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_f32_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
     const at::Tensor& prefix_v, const at::Tensor& mask, bool causal, double scale) {
-  if (!flash_covers(q, k)) return std::nullopt;
   const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   const at::Tensor key_bias = mask.defined() ? key_bias_of(mask) : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), n = q.size(2), d = q.size(3);
@@ -125,12 +123,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> flash_forward(
   return std::make_tuple(out, lse);
 }
 
-std::optional<std::array<at::Tensor, 5>> flash_backward(
+std::array<at::Tensor, 5> flash_attention_f32_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& prefix_k, const at::Tensor& prefix_v, const at::Tensor& mask,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
     std::array<bool, 5> output_mask) {
-  if (!flash_covers(q, k)) return std::nullopt;
   const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
   const at::Tensor key_bias = mask.defined() ? key_bias_of(mask) : at::Tensor();
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), n = q.size(2);
