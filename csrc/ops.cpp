@@ -45,9 +45,7 @@ TORCH_LIBRARY(peftkern, m) {
       "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
       "Tensor prefix_k, Tensor prefix_v, Tensor? key_padding_mask, Tensor out, Tensor lse, "
       "bool causal, float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_FRAGMENT(peftkern, m) {
   // cross_entropy(hidden·weightᵀ + bias, labels) in float32 (float64 for float64 hidden),
   // the logits optionally softcapped (cap·tanh(z/cap)) first, without materialising the
   // [rows, vocab] logits. reduction: mean, sum or none. Returns (loss, dhidden, dweight,
