@@ -67,7 +67,7 @@ def summary_table(files: list[Path]) -> str:
     """One line per case: peftkern's and every other provider's forward+backward (or training
     step) time as a ratio to the case's floor, and the saved activations."""
     lines = [
-        "| case (machine, date) | floor | peftkern | the others | saved MiB: floor, peftkern (others) |",
+        "| case (machine, date) | floor | peftkern | the others | saved MiB: floor; peftkern (others) |",
         "|---|---|---|---|---|",
     ]
     for path in files:
@@ -79,16 +79,21 @@ def summary_table(files: list[Path]) -> str:
         for case, rows in by_case.items():
             floor_row = next(r for r in rows if r["ratio_to_floor"] == 1.0)
             floor = floor_row["provider"]
-            mine = next((r for r in rows if r["provider"].startswith("peftkern")), None)
-            if mine is None:
+            mine = [r for r in rows if r["provider"].startswith("peftkern")]
+            if not mine:
                 continue
-            others = [r for r in rows if r["provider"] != floor and not r["provider"].startswith("peftkern")]
-            ratios = ", ".join(f"{r['provider']} {r['ratio_to_floor']:.2f}" for r in others) or "-"
-            saved = ", ".join(f"{r['saved_bytes'] / 2**20:.1f}" for r in others)
+            others = [r for r in rows if r["provider"] != floor and r not in mine]
+
+            def listed(results: list[dict]) -> str:
+                return ", ".join(f"{r['provider']} {r['ratio_to_floor']:.2f}" for r in results) or "-"
+
+            def saved(results: list[dict]) -> str:
+                return ", ".join(f"{r['saved_bytes'] / 2**20:.1f}" for r in results) or "-"
+
             where = f"{rows[0]['machine'].split(' (')[0]}, {document['date']}"
             lines.append(
-                f"| `{case}` ({where}) | {floor} | **{mine['ratio_to_floor']:.2f}** | {ratios} "
-                f"| {floor_row['saved_bytes'] / 2**20:.1f}, {mine['saved_bytes'] / 2**20:.1f} ({saved or '-'}) |"
+                f"| `{case}` ({where}) | {floor} | **{listed(mine)}** | {listed(others)} "
+                f"| {saved([floor_row])}; {saved(mine)} ({saved(others)}) |"
             )
     return "\n".join(lines)
 

@@ -106,22 +106,35 @@ def test_mixed_adapter_batch_falls_back_with_a_warning(fused_calls):
     assert not fused_calls
 
 
-@pytest.mark.parametrize(
-    "kwargs,reason",
-    [
-        ({"use_dora": True}, "DoraLinearVariant"),
-        ({"lora_bias": True}, "lora_bias=True"),
-    ],
-)
-def test_uncovered_layers_are_skipped_with_reason(kwargs, reason, fused_calls):
-    ref = peft_lora(tiny_llama(), QV, **kwargs)
+@pytest.mark.parametrize("kwargs", [{"use_dora": True}, {"lora_bias": True}], ids=["dora", "lora_bias"])
+def test_dora_and_lora_bias_layers_are_patched_and_equal_peft(kwargs, monkeypatch):
+    """Outputs and the gradient of every trainable parameter (magnitude and lora_B's bias
+    included) equal peft's, through peftkern's DoRA or LoRA op."""
+    calls = []
+    for op in ("dora_linear", "lora_linear"):
+        original = getattr(peft_patch, op)
+        monkeypatch.setattr(
+            peft_patch, op, lambda *a, _op=original, _n=op, **k: calls.append(_n) or _op(*a, **k)
+        )
+    ref = peft_lora(tiny_llama(), QV, **kwargs).train()
+    with torch.no_grad():  # magnitude and lora_B's bias away from their initial values
+        for name, p in ref.named_parameters():
+            if "lora_magnitude_vector" in name or ("lora_B" in name and name.endswith("bias")):
+                p.add_(torch.randn_like(p) * 0.05)
     model = copy.deepcopy(ref)
     report = peftkern.patch_peft(model)
-    assert report.num_patched == 0 and report.num_skipped == 4
-    assert all(reason in r for r in report.skipped.values()) and reason in str(report)
+    assert report.num_patched == 4 and report.num_skipped == 0
     x = tokens()
-    torch.testing.assert_close(model(x).logits, ref(x).logits)
-    assert not fused_calls
+    torch.testing.assert_close(loss_and_grads(model, x), loss_and_grads(ref, x), rtol=1e-5, atol=1e-6)
+    assert set(calls) == {"dora_linear" if "use_dora" in kwargs else "lora_linear"} and len(calls) == 4
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads.keys() == expected.keys()
+    assert any("magnitude" in n or n.endswith("lora_B.default.bias") for n in grads)
+    for n in grads:
+        torch.testing.assert_close(
+            grads[n], expected[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 def test_merged_several_active_and_non_linear_layers_are_skipped():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkern.functional import autocast_enabled, lora_linear
+from peftkern.functional import autocast_enabled, dora_linear, lora_linear
 from peftkern.integrations import peft_patch_prefix
 from peftkern.integrations.binding import bind, bound_function, unbind
 
@@ -134,10 +134,9 @@ def _state_reason(module: nn.Module) -> str | None:
     name = active[0]
     if name not in module.lora_A:
         return f"active adapter {name!r} has no LoRA weights on this layer"
-    if name in module.lora_variant:
-        return f"LoRA variant {type(module.lora_variant[name]).__name__} (e.g. DoRA)"
-    if module.lora_bias.get(name, False):
-        return "lora_bias=True (bias on lora_B)"
+    variant = module.lora_variant.get(name)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"LoRA variant {type(variant).__name__} (peftkern fuses DoRA and plain LoRA)"
     if type(module.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(module.lora_dropout[name]).__name__}"
     return _hooks_reason(module, name)
@@ -192,9 +191,19 @@ def _fused_forward(self: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Ten
     name = self.active_adapters[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return lora_linear(
-        x_op, weight, lora_A, lora_B, bias=bias, scaling=self.scaling[name], dropout=p, training=True
-    )
+    scaling = self.scaling[name]
+    if name in self.lora_variant:  # DoRA, the one variant _state_reason lets through
+        magnitude = self.lora_magnitude_vector[name].weight
+        if magnitude.dtype != lora_A.dtype:
+            warnings.warn("peftkern: a patched layer runs peft's forward: DoRA magnitude dtype", stacklevel=2)
+            return peft_forward(self, x, *args, **kwargs)
+        return dora_linear(x_op, weight, lora_A, lora_B, magnitude, bias=bias, scaling=scaling, dropout=p)
+    if self.lora_bias.get(name, False):
+        # peft adds scaling·lora_B(h) with lora_B's bias inside: a constant row, which the
+        # fused op takes as part of the bias (its gradient reaches both through autograd).
+        lora_bias = (self.lora_B[name].bias * scaling).to(weight.dtype)
+        bias = lora_bias if bias is None else bias + lora_bias
+    return lora_linear(x_op, weight, lora_A, lora_B, bias=bias, scaling=scaling, dropout=p, training=True)
 
 
 def _is_patched(module: nn.Module) -> bool:
