@@ -17,7 +17,7 @@ def test_suite_runs_its_quick_cases(name):
     cases = suite.quick_cases()
     results = suite.run(cases, rounds=1, with_compile=False)
     providers = {r.provider for r in results}
-    assert "peftkern" in providers and len(providers) >= 2
+    assert any(p.startswith("peftkern") for p in providers) and len(providers) >= 2
     modes = {r.mode for r in results}
     assert "forward+backward" in modes and modes <= set(MODES)
     assert len(results) == len(cases) * len(providers) * len(modes)
