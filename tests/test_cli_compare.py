@@ -8,16 +8,19 @@ import json
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
+import peftkern.integrations.loss
 from peftkern.cli import main
-from peftkern.compare import data, methods
+from peftkern.compare import data, methods, train
 from peftkern.compare.batches import IGNORE, encode
 from peftkern.compare.methods import LORA_RANK, PREFIX_HIDDEN, PREFIX_TOKENS, Method
 from peftkern.compare.model import default_model_path, load_model, load_tokenizer
 from peftkern.compare.train import TrainConfig, evaluate, train_method, warmup_cosine
+from peftkern.integrations import use_peftkern_loss
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -118,6 +121,24 @@ def test_causal_lm_loss_only_on_completion_tokens(tiny_llama):
     assert labels[scored].tolist()[: len(completion)] == completion
     assert not scored[:prompt_len].any()
     assert torch.equal(ids[scored], labels[scored])
+
+
+def test_causal_lm_training_loss_is_the_fused_loss_and_equals_the_logits_loss(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    records = [{"prompt": f"say {w}:", "completion": f" {w} {w}"} for w in ("good", "bad", "fine")]
+    batch = encode(records, "causal-lm", tokenizer, max_length=32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    expected, _, _ = train.loss_and_hits(model, batch, "causal-lm")
+    use_peftkern_loss(model)
+    calls = []
+    fused = peftkern.integrations.loss
+    original = fused.linear_cross_entropy
+    with mock.patch.object(
+        fused, "linear_cross_entropy", lambda *a, **k: calls.append(1) or original(*a, **k)
+    ):
+        loss = train.training_loss(model, batch, "causal-lm")
+    assert calls
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 # --- training ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from peftkern.compare.batches import IGNORE, iterate
 from peftkern.compare.data import TaskKind
 from peftkern.compare.methods import Method
+from peftkern.integrations.loss import use_peftkern_loss
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,17 @@ def loss_and_hits(model: nn.Module, batch: dict[str, Tensor], kind: TaskKind) ->
     scored = labels != IGNORE
     hits = int((logits.argmax(-1)[scored] == labels[scored]).sum())
     return loss, hits, int(scored.sum())
+
+
+def training_loss(model: nn.Module, batch: dict[str, Tensor], kind: TaskKind) -> Tensor:
+    """The mean loss of one training batch. A causal LM (patched by use_peftkern_loss) computes it
+    with peftkern's fused linear + cross-entropy: the same mean over completion tokens as
+    `loss_and_hits`, without the [batch, seq, vocab] logits."""
+    if kind == "causal-lm":
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
+    return loss_and_hits(model, batch, kind)[0]
 
 
 @torch.no_grad()
@@ -197,6 +209,8 @@ def train_method(
         optimizer, warmup_cosine(total_steps, config.warmup_fraction)
     )
 
+    if kind == "causal-lm":
+        use_peftkern_loss(model)  # evaluation passes no labels and still gets logits
     meter = _MemoryMeter(model, device)
     generator = torch.Generator().manual_seed(config.seed)
     progress = _Progress(total_steps, method.name, config.progress)
@@ -211,7 +225,7 @@ def train_method(
             start = time.perf_counter()
             # Saved bytes are the same every step (fixed shapes), so one step is counted.
             with meter.counting() if step == 0 else contextlib.nullcontext():
-                loss, _, _ = loss_and_hits(model, batch, kind)
+                loss = training_loss(model, batch, kind)
             loss.backward()
             optimizer.step()
             schedule.step()
