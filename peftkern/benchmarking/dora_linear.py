@@ -8,6 +8,7 @@ from torch import nn
 
 from peftkern.benchmarking.harness import Provider, Result, measure_case
 from peftkern.benchmarking.lora_linear import ALPHA_OVER_R, LoRACase, _PeftHost
+from peftkern.benchmarking.lora_linear import quick_cases as quick_cases  # the same tiny shapes
 from peftkern.nn import DoRALinear, LoRALinear
 
 CPU_CASES = [LoRACase(2048, 1024, 1024, 16, p, torch.float32, "cpu") for p in (0.0, 0.05)]
@@ -77,8 +78,3 @@ def run(cases: list[LoRACase], *, rounds: int = 15, with_compile: bool = True) -
 
 def default_cases() -> list[LoRACase]:
     return GPU_CASES if torch.cuda.is_available() else CPU_CASES
-
-
-def quick_cases() -> list[LoRACase]:
-    """Tiny shapes (odd sizes on purpose) that check the suite runs, in well under a second."""
-    return [LoRACase(37, 40, 24, 4, 0.05, torch.float32, "cuda" if torch.cuda.is_available() else "cpu")]
