@@ -36,3 +36,19 @@ def test_prefix_training_step_benchmark_runs_and_patched_saves_less():
     # peft concatenates [P_K; K] and [P_V; V] (expanded over the batch) and keeps them; the
     # prefix attention keeps its inputs only.
     assert results["peftkern-patched"].saved_bytes < results["peft"].saved_bytes
+
+
+TINY_DORA = training_step.StepCase(32, 2, 4, 64, 97, 16, 2, 4, 0.1, torch.float32, "cpu", dora=True)
+
+
+def test_dora_training_step_models_agree_and_patched_saves_less():
+    models = training_step.build_models(TINY_DORA)
+    input_ids = torch.randint(0, TINY_DORA.vocab, (TINY_DORA.batch, TINY_DORA.seq))
+    with torch.no_grad():  # eval: no dropout, so peft, patched and injected compute the same
+        losses = {n: m.eval()(input_ids=input_ids, labels=input_ids).loss for n, m in models.items()}
+    for name in ("peftkern-patched", "peftkern-injected"):
+        torch.testing.assert_close(losses[name], losses["peft"], msg=name)
+    assert "dora4" in TINY_DORA.name
+    results = {r.provider: r for r in training_step.run(TINY_DORA, rounds=1, warmup=0)}
+    assert results["peftkern-patched"].saved_bytes < results["peft"].saved_bytes
+    assert results["peftkern-injected"].saved_bytes == results["peftkern-patched"].saved_bytes

@@ -54,6 +54,7 @@ class StepCase:
     targets: tuple[str, ...] = QV
     prefix: int = 0  # > 0: prefix tuning with this many virtual tokens instead of LoRA
     fused_loss: bool = False  # adds the patched model with use_peftkern_loss as a provider
+    dora: bool = False  # LoRA with use_dora=True (weight-decomposed LoRA)
 
     @property
     def name(self) -> str:
@@ -62,7 +63,10 @@ class StepCase:
             return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} prefix m{self.prefix} {dt}"
         where = "qv" if self.targets == QV else f"{len(self.targets)}lin"
         vocab = f" V{self.vocab}" if self.fused_loss else ""
-        return f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} r{self.r}{vocab} {dt}"
+        method = "dora" if self.dora else "r"
+        return (
+            f"step h{self.hidden} L{self.layers} {self.batch}x{self.seq} {where} {method}{self.r}{vocab} {dt}"
+        )
 
 
 # The vocabulary is kept small on the CPU so the LM head (identical in every provider) does
@@ -73,6 +77,7 @@ CPU_CASES = [
     StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", targets)
     for targets in (QV, ALL_LINEAR)
 ]
+CPU_CASES.append(StepCase(512, 4, 8, 1376, 2048, 256, 4, 16, 0.05, torch.float32, "cpu", QV, dora=True))
 CPU_CASES.append(StepCase(512, 4, 8, 1376, 2048, 256, 4, 0, 0.0, torch.float32, "cpu", prefix=20))
 # A real 32k vocabulary, where the LM head and its loss are a large share of the step: the
 # case for use_peftkern_loss.
@@ -147,7 +152,11 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
     base = base_model(case)
     floor = frozen_base(base)
     lora = LoraConfig(
-        r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout, target_modules=list(case.targets)
+        r=case.r,
+        lora_alpha=2 * case.r,
+        lora_dropout=case.dropout,
+        target_modules=list(case.targets),
+        use_dora=case.dora,
     )
     peft_model = get_peft_model(copy.deepcopy(base), lora)
     with torch.no_grad():  # trained-like B, so the adapters do work in every provider
@@ -156,15 +165,24 @@ def build_lora_models(case: StepCase) -> dict[str, nn.Module]:
                 p.normal_(std=0.02)
     patched = fully_patched(peft_model)
     injected = base
-    inject_lora(injected, case.targets, r=case.r, lora_alpha=2 * case.r, lora_dropout=case.dropout)
+    inject_lora(
+        injected,
+        case.targets,
+        r=case.r,
+        lora_alpha=2 * case.r,
+        lora_dropout=case.dropout,
+        use_dora=case.dora,
+    )
     source = {
-        n.removeprefix("base_model.model.").replace(".default.weight", ""): p
+        n.removeprefix("base_model.model.")
+        .replace(".default.weight", "")
+        .replace("lora_magnitude_vector", "magnitude"): p
         for n, p in peft_model.named_parameters()
-        if "lora_" in n
+        if p.requires_grad
     }
     with torch.no_grad():
         for name, p in injected.named_parameters():
-            if "lora_" in name:
+            if p.requires_grad:
                 p.copy_(source[name])
     # On a bf16 model peft keeps its adapters in fp32 while inject_lora gives them the base
     # dtype: the injected provider then does slightly less work than the other two.
@@ -225,7 +243,7 @@ def run(case: StepCase, *, rounds: int = 10, warmup: int = 2) -> list[Result]:
                     "benchmark": "training_step",
                     "dtype": str(case.dtype),
                     "dropout": case.dropout,
-                    "method": f"prefix m{case.prefix}" if case.prefix else "lora",
+                    "method": f"prefix m{case.prefix}" if case.prefix else "dora" if case.dora else "lora",
                     "targets": ",".join(case.targets),
                 },
             )
