@@ -29,14 +29,18 @@ QV = ("q_proj", "v_proj")
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts calls of peftkern's fused op made by patched layers."""
+    """Counts calls of peftkern's fused ops (LoRA and DoRA) made by patched layers."""
     calls = []
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("dropout"))
-        return peftkern.lora_linear(*args, **kwargs)
+    def counting(op):
+        def counted(*args, **kwargs):
+            calls.append(kwargs.get("dropout"))
+            return op(*args, **kwargs)
 
-    monkeypatch.setattr(peft_patch, "lora_linear", counting)
+        return counted
+
+    monkeypatch.setattr(peft_patch, "lora_linear", counting(peftkern.lora_linear))
+    monkeypatch.setattr(peft_patch, "dora_linear", counting(peftkern.dora_linear))
     return calls
 
 
@@ -234,9 +238,10 @@ def _saved_and_loaded(model):
 ROUND_TRIPS = {"pickle": _pickled, "torch.save": _saved_and_loaded, "deepcopy": copy.deepcopy}
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("trip", list(ROUND_TRIPS))
-def test_whole_patched_model_round_trips_still_patched(trip, fused_calls):
-    ref = peft_lora(tiny_llama(), QV)
+def test_whole_patched_model_round_trips_still_patched(trip, use_dora, fused_calls):
+    ref = peft_lora(tiny_llama(), QV, use_dora=use_dora)
     model = copy.deepcopy(ref)
     peftkern.patch_peft(model)
     loaded = ROUND_TRIPS[trip](model)
