@@ -264,10 +264,10 @@ def train_method(
         curve.val_accuracy.append(val_acc)
         if stopping.update(val_loss):
             best_state = {n: p.detach().clone() for n, p in trainable}
-        elif stopping.should_stop:
-            stopped_early = True
-            break
         if step == total_steps:
+            break
+        if stopping.should_stop:  # only early when there was more training to do
+            stopped_early = True
             break
     progress.close()
 
