@@ -34,15 +34,18 @@ class Study:
     patience: int
 
 
-# Sizing (the default MiniLM, batch 16, 40 tokens, on an idle 2-core Xeon): a training step
-# costs about 0.85 s summed over the seven methods (ms/step in README's default run: 57 + 114
-# + 117 + 104 + 99 + 106 + 257), and an epoch's validation pass plus each run's final train
-# and test passes add about a quarter more. Per method and size the sweep makes 3 runs (one
-# per lr, first seed) and the two other seeds 2 more: 5 runs. At most 8 epochs of
-# (64 + 256 + 1024) / 16 = 84 steps: 5 x 8 x 84 x 0.85 s = 2856 s, x 1.25 = 60 min as an upper
-# bound; early stopping (patience 2, which the small sizes reach after 4-6 epochs) and the
-# shorter padded rows of the small subsets bring it to about 45-50 min.
-STUDY = Study(grid=Grid(train_sizes=(64, 256, 1024), seeds=3, lr_mode="sweep"), epochs=8, patience=2)
+# Sizing, for the default MiniLM (batch 16, 40 tokens) on an idle 2-core Xeon. A training step
+# costs 0.85 s summed over the seven methods (the default run's ms/step, README: 57 + 114 + 117
+# + 104 + 99 + 106 + 257). Per method and size the sweep makes 3 runs (one per rate, first seed)
+# and the two other seeds 2 more: 5 runs. 7 epochs of (64 + 256 + 1024) / 16 = 84 steps over
+# the three sizes: 5 x 7 x 84 = 2940 steps. Evaluation, in training-step equivalents (a
+# forward pass is about a third of a step): 128 validation examples per epoch (2.7) and, per
+# run, the 256 test examples (5.3) and the training set (84 x 16 / 48 = 28 over the sizes):
+# 5 x (3 x (7 x 2.7 + 5.3) + 28) = 503. (2940 + 503) x 0.85 s = 49 min, and 105 model loads of
+# about 1.5 s add 3: 52 min when nothing stops early. Early stopping (patience 2: head-only
+# and full fine-tuning plateau first) and the shorter padded rows of the smaller subsets bring
+# it to about 45-50 min.
+STUDY = Study(grid=Grid(train_sizes=(64, 256, 1024), seeds=3, lr_mode="sweep"), epochs=7, patience=2)
 
 
 def check_grid(grid: Grid) -> None:
