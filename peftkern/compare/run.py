@@ -39,7 +39,6 @@ class CompareConfig:
 
 @dataclass
 class Comparison:
-    title: str
     document: dict  # what compare.json holds
     files: list[Path]
 
@@ -86,7 +85,7 @@ def run(config: CompareConfig) -> Comparison:
     tokenizer = load_tokenizer(model_path)
     held_out = {s: encode(task.split(s), task.kind, tokenizer, config.max_length) for s in data.SPLITS[1:]}
     model_name = Path(model_path).name if config.model else DEFAULT_MODEL_NAME
-    split_sizes = "/".join(str(len(task.split(s))) for s in data.SPLITS)
+    split_sizes = f"{','.join(map(str, sizes))}/{len(task.validation)}/{len(task.test)}"
     title = (
         f"{model_name} on {task.name} ({task.kind}, train/val/test {split_sizes}); "
         f"{machine_description(device)}; torch {torch.__version__}; peftkern {peftkern.__version__}"
@@ -138,4 +137,4 @@ def run(config: CompareConfig) -> Comparison:
     files = [out / "compare.csv", json_path]
     report.write_csv(document["results"], files[0])
     files += plots.write_plots(document, out)
-    return Comparison(title, document, files)
+    return Comparison(document, files)
