@@ -79,6 +79,9 @@ def _accuracy_vs_size(plt, document: dict, path: Path) -> Path:
             label=method,
         )
     ax.set_xscale("log")
+    sizes = sorted({r["train_size"] for r in document["results"]})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("training examples")
     ax.set_ylabel(f"test accuracy (mean ± std of {document['config']['seeds']} seed(s))")
     ax.grid(alpha=0.3)
@@ -114,6 +117,7 @@ def _loss_curves(plt, document: dict, path: Path) -> Path:
                 ax.plot(len(epochs), curve["val_loss"][-1], "x", color=colour, ms=9, mew=2)
         ax.set_title(method)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("loss (val solid, train dashed)")
     axes.flat[0].legend(fontsize="small")
