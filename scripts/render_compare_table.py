@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         source = str(args.results)
     try:
-        text = replace_between_marks(args.readme.read_text(), markdown_source_table(document, source))
+        table = markdown_source_table(document, source)
+    except (KeyError, TypeError) as error:
+        print(
+            f"{args.results}: not a result file of this peftkern compare (no field {error})", file=sys.stderr
+        )
+        return 2
+    try:
+        text = replace_between_marks(args.readme.read_text(), table)
     except ValueError as error:
         print(f"{args.readme}: {error}", file=sys.stderr)
         return 2

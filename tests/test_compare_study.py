@@ -212,6 +212,10 @@ def test_readme_table_is_rendered_between_the_markers(study, tmp_path, capsys):
     readme.write_text("no markers")
     assert render.main([str(study["out"] / "compare.json"), "--readme", str(readme)]) == 2
     assert "markers" in capsys.readouterr().err
+    old_schema = tmp_path / "old.json"
+    old_schema.write_text(json.dumps({"title": "t", "results": [{"method": "lora", "test_accuracy": 0.9}]}))
+    assert render.main([str(old_schema), "--readme", str(readme)]) == 2
+    assert "not a result file of this peftkern compare" in capsys.readouterr().err
 
 
 def _captured_config(monkeypatch, argv: list[str]):
