@@ -268,3 +268,12 @@ def test_more_train_records_than_the_file_has_gives_one_line(tiny_bert, tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["compare", "--model", tiny_bert, "--data", str(path), "--train-sizes", "8,17"]) == 2
     assert "17 is more than the 16 training records" in capsys.readouterr().err
+
+
+def test_help_states_the_study_preset(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sizes = ",".join(map(str, STUDY.grid.train_sizes))
+    assert f"sizes {sizes}, {STUDY.grid.seeds} seeds" in text
+    assert f"{STUDY.epochs} epochs, patience {STUDY.patience}" in text
