@@ -43,22 +43,39 @@ def _list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in _list(text))
+    except ValueError:
+        raise UsageError(f"--train-sizes takes whole numbers separated by commas, got {text!r}") from None
+
+
 def _compare(args: argparse.Namespace) -> int:
     from peftkern.compare import methods, report
     from peftkern.compare.run import CompareConfig, run
+    from peftkern.compare.study import STUDY, Grid
     from peftkern.compare.train import TrainConfig
 
     if args.list_methods:
         for m in methods.METHODS.values():
             print(f"{m.name:<11} {m.summary}")
         return 0
+    # --study sets the grid, epochs and patience; an option given as well wins.
+    preset = STUDY if args.study else None
+    defaults = TrainConfig()
     train = TrainConfig(
-        epochs=args.epochs,
+        epochs=args.epochs or (preset.epochs if preset else defaults.epochs),
         max_steps=args.steps,
         batch_size=args.batch_size,
-        patience=args.patience,
+        patience=args.patience or (preset.patience if preset else defaults.patience),
         seed=args.seed,
         progress=not args.no_progress,
+    )
+    grid = preset.grid if preset else Grid()
+    grid = Grid(
+        train_sizes=_sizes(args.train_sizes) if args.train_sizes is not None else grid.train_sizes,
+        seeds=args.seeds if args.seeds is not None else grid.seeds,
+        lr_mode=args.lr if args.lr is not None else grid.lr_mode,
     )
     comparison = run(
         CompareConfig(
@@ -69,9 +86,13 @@ def _compare(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             device=args.device,
             train=train,
+            grid=grid,
+            command=" ".join(["peftkern", *args.argv]),
         )
     )
-    print(report.format_table(comparison.results, comparison.title))
+    print(report.format_records(comparison.document))
+    print()
+    print(report.format_source_table(comparison.document))
     print("wrote " + ", ".join(str(f) for f in comparison.files))
     return 0
 
@@ -120,16 +141,37 @@ def _parser() -> argparse.ArgumentParser:
         "--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)"
     )
     compare.add_argument("--data", help='a JSONL file of {"text","label"} or {"prompt","completion"} records')
-    compare.add_argument("--epochs", type=int, default=3, help="at most this many epochs (default 3)")
+    compare.add_argument("--epochs", type=int, help="at most this many epochs (default 3; --study: 7)")
     compare.add_argument("--steps", type=int, help="at most this many training steps per method")
     compare.add_argument("--batch-size", type=int, default=16)
     compare.add_argument("--max-length", type=int, default=40, help="tokens per example (default 40)")
     compare.add_argument(
-        "--patience", type=int, default=2, help="epochs without a better validation loss before stopping"
+        "--patience",
+        type=int,
+        help="epochs without a better validation loss before stopping (default 2)",
+    )
+    compare.add_argument(
+        "--train-sizes",
+        help="comma-separated training-set sizes, each a prefix of the largest (default: one size, "
+        "the task's training split)",
+    )
+    compare.add_argument("--seeds", type=int, help="seeds per method and size: mean and std (default 1)")
+    compare.add_argument(
+        "--lr",
+        help="default: each method's own learning rate; sweep: 3 rates around it (x1/3, x1, x3), "
+        "chosen on validation loss",
+    )
+    compare.add_argument(
+        "--study",
+        action="store_true",
+        help="the preset that fills in the source's table: every method, sizes 64,256,1024, 3 seeds, "
+        "--lr sweep, 7 epochs, patience 2 (about 45-50 min on 2 idle CPU cores)",
     )
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    compare.add_argument("--out", default="peftkern-compare", help="directory for compare.csv/.json/.png")
+    compare.add_argument(
+        "--out", default="peftkern-compare", help="directory for compare.csv/.json and the plots"
+    )
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     compare.set_defaults(run=_compare)
 
@@ -148,14 +190,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("epochs", "steps", "batch_size", "max_length", "patience"):
+    for name in ("epochs", "steps", "batch_size", "max_length", "patience", "seeds"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         _check_positive(args)
         return args.run(args)

@@ -207,7 +207,7 @@ def test_compare_end_to_end_writes_table_csv_json_png(tiny_bert, reviews_file, t
         == 0
     )
     stdout = capsys.readouterr().out
-    assert "activations saved for backward per step" in stdout
+    assert "activations saved for backward" in stdout and "overfitting risk" in stdout
     for name in ("head-only", "lora", "full"):
         assert f"\n{name} " in stdout
 
@@ -216,19 +216,20 @@ def test_compare_end_to_end_writes_table_csv_json_png(tiny_bert, reviews_file, t
     assert (
         [r["method"] for r in rows]
         == [r["method"] for r in report["results"]]
+        == [r["method"] for r in report["runs"]]
         == ["head-only", "lora", "full"]
     )
-    by_name = {r["method"]: r for r in report["results"]}
+    by_name = {r["method"]: r for r in report["runs"]}
     head = by_name["head-only"]["trainable_params"]
     assert head == HIDDEN * 2 + 2  # the new classifier: weight [2, hidden] and bias
     # q and v in each layer: A [r, hidden] and B [hidden, r].
     assert by_name["lora"]["trainable_params"] == head + LAYERS * 2 * LORA_RANK * 2 * HIDDEN
     assert by_name["full"]["trainable_pct"] == pytest.approx(100.0)
-    assert by_name["head-only"]["memory_bytes"] < by_name["lora"]["memory_bytes"]
-    for r in report["results"]:
+    assert by_name["head-only"]["memory"]["activations"] < by_name["lora"]["memory"]["activations"]
+    for r in report["runs"]:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 1 <= r["best_epoch"] <= r["epochs_run"] <= 2
         assert r["steps"] == 2 * 4 or r["stopped_early"]
-    assert report["split_sizes"] == {"train": 32, "validation": 16, "test": 16}
+    assert report["split_sizes"] == {"train": [32], "validation": 16, "test": 16}
 
     png = (out / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -259,7 +260,7 @@ def test_compare_adapters_and_prefix_end_to_end(tiny_bert, reviews_file, tmp_pat
         == 0
     )
     report = json.loads((out / "compare.json").read_text())
-    by_name = {r["method"]: r for r in report["results"]}
+    by_name = {r["method"]: r for r in report["runs"]}
     assert list(by_name) == ["houlsby", "pfeiffer", "prefix", "prefix-mlp"]
     head = HIDDEN * 2 + 2
     adapter = 2 * HIDDEN * (HIDDEN // 16) + HIDDEN // 16 + HIDDEN  # reduction factor 16
@@ -269,7 +270,7 @@ def test_compare_adapters_and_prefix_end_to_end(tiny_bert, reviews_file, tmp_pat
     assert by_name["prefix"]["trainable_params"] == head + LAYERS * 2 * PREFIX_TOKENS * HIDDEN
     mlp = PREFIX_TOKENS * HIDDEN + (HIDDEN + 1) * PREFIX_HIDDEN + (PREFIX_HIDDEN + 1) * LAYERS * 2 * HIDDEN
     assert by_name["prefix-mlp"]["trainable_params"] == head + mlp
-    for r in report["results"]:
+    for r in report["runs"]:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["steps"] == 4 and r["step_ms"] > 0
 
 
@@ -296,7 +297,7 @@ def test_compare_causal_lm_with_adapters_and_prefix(tiny_llama, tmp_path, capsys
         )
         == 0
     )
-    by_name = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["results"]}
+    by_name = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
     kv = HIDDEN // 4 * 2  # two key/value heads of head_dim 8
     assert by_name["prefix"]["trainable_params"] == LAYERS * 2 * PREFIX_TOKENS * kv
     assert by_name["pfeiffer"]["trainable_params"] == LAYERS * (2 * HIDDEN * 2 + 2 + HIDDEN)
@@ -326,12 +327,12 @@ def test_compare_causal_lm_with_lora_on_q_and_v_proj(tiny_llama, tmp_path, capsy
     )
     report = json.loads((out / "compare.json").read_text())
     assert report["kind"] == "causal-lm"
-    by_name = {r["method"]: r for r in report["results"]}
+    by_name = {r["method"]: r for r in report["runs"]}
     # Every method but head-only, which has no meaning for a causal LM.
     assert list(by_name) == ["lora", "houlsby", "pfeiffer", "prefix", "prefix-mlp", "full"]
     kv = HIDDEN // 4 * 2  # two key/value heads of head_dim 8
     assert by_name["lora"]["trainable_params"] == LAYERS * LORA_RANK * ((HIDDEN + HIDDEN) + (HIDDEN + kv))
-    assert all(r["steps"] == 3 for r in report["results"])
+    assert all(r["steps"] == 3 for r in report["runs"])
 
 
 def test_list_methods_prints_every_method_with_its_summary(capsys):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import datetime
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 import peftkern
 from peftkern.benchmarking.harness import machine_description
-from peftkern.compare import data, methods, report
+from peftkern.compare import data, methods, plots, report
 from peftkern.compare.batches import encode
 from peftkern.compare.model import (
     DEFAULT_MODEL_NAME,
@@ -18,6 +19,7 @@ from peftkern.compare.model import (
     load_model,
     load_tokenizer,
 )
+from peftkern.compare.study import SWEEP_FACTORS, Grid, check_grid, measure, summarize
 from peftkern.compare.train import MethodResult, TrainConfig, train_method
 from peftkern.errors import UsageError
 
@@ -31,19 +33,38 @@ class CompareConfig:
     max_length: int = 40
     device: str | None = None  # None: cuda when present, else cpu
     train: TrainConfig = TrainConfig()
+    grid: Grid = Grid()
+    command: str = ""  # how the run was asked for, recorded in the JSON
 
 
 @dataclass
 class Comparison:
-    title: str
-    results: list[MethodResult]
+    document: dict  # what compare.json holds
     files: list[Path]
 
 
+def _task(config: CompareConfig) -> tuple[data.Task, list[int]]:
+    """The task, and the training-set sizes: prefixes of its training split, so a smaller set
+    is part of every larger one and all sizes share the validation and test splits. The
+    built-in generator makes as many training examples as the largest size asks for."""
+    sizes = sorted(set(config.grid.train_sizes)) if config.grid.train_sizes else None
+    if config.data:
+        task = data.load_jsonl(config.data, seed=config.train.seed)
+        if sizes and sizes[-1] > len(task.train):
+            raise UsageError(
+                f"--train-sizes: {sizes[-1]} is more than the {len(task.train)} training records of {config.data}"
+            )
+    else:
+        task = data.reviews(train=sizes[-1]) if sizes else data.reviews()
+    return task, sizes or [len(task.train)]
+
+
 def run(config: CompareConfig) -> Comparison:
-    """Fine-tunes a fresh copy of the model with each method and writes
-    compare.csv, compare.json and compare.png (when matplotlib is there) to `config.out`."""
-    task = data.load_jsonl(config.data, seed=config.train.seed) if config.data else data.reviews()
+    """Fine-tunes a fresh copy of the model for every (method, size, learning rate, seed) of
+    the grid and writes compare.json (rewritten after every method and size, so an interrupted
+    run keeps what it measured), compare.csv and the plots to `config.out`."""
+    check_grid(config.grid)
+    task, sizes = _task(config)
     chosen = methods.select(config.methods, task.kind)  # before any slow loading
     if not chosen:
         raise UsageError(f"no method available for a {task.kind} task")
@@ -62,39 +83,58 @@ def run(config: CompareConfig) -> Comparison:
         raise UsageError(f"cannot create the output directory {out}: {error.strerror}") from None
 
     tokenizer = load_tokenizer(model_path)
-    splits = {s: encode(task.split(s), task.kind, tokenizer, config.max_length) for s in data.SPLITS}
-    results = []
-    for method in chosen:
-        # The same seed for every method: the same head initialisation and batch order.
-        torch.manual_seed(config.train.seed)
-        loaded = load_model(model_path, task, tokenizer.pad_token_id)
-        results.append(
-            train_method(method, loaded.model, loaded.head, splits, task.kind, config.train, device)
-        )
-        del loaded  # before the next copy is loaded, so that two never coexist
-
-    sizes = "/".join(str(len(task.split(s))) for s in data.SPLITS)
+    held_out = {s: encode(task.split(s), task.kind, tokenizer, config.max_length) for s in data.SPLITS[1:]}
     model_name = Path(model_path).name if config.model else DEFAULT_MODEL_NAME
+    split_sizes = f"{','.join(map(str, sizes))}/{len(task.validation)}/{len(task.test)}"
     title = (
-        f"{model_name} on {task.name} ({task.kind}, train/val/test {sizes}); "
+        f"{model_name} on {task.name} ({task.kind}, train/val/test {split_sizes}); "
         f"{machine_description(device)}; torch {torch.__version__}; peftkern {peftkern.__version__}"
     )
-    files = [out / "compare.csv", out / "compare.json"]
-    report.write_csv(results, files[0])
-    report.write_json(
-        results,
-        files[1],
-        {
-            "title": title,
-            "model": model_path,
-            "task": task.name,
-            "kind": task.kind,
-            "labels": task.labels,
-            "split_sizes": dict(zip(data.SPLITS, map(int, sizes.split("/")))),
-            "device": str(device),
-            "config": {"max_length": config.max_length, **asdict(config.train)},
+    document = {
+        "title": title,
+        "command": config.command,
+        "date": datetime.date.today().isoformat(),
+        "model": model_path,
+        "model_name": model_name,
+        "task": task.name,
+        "kind": task.kind,
+        "labels": task.labels,
+        "split_sizes": {"train": sizes, "validation": len(task.validation), "test": len(task.test)},
+        "device": str(device),
+        "machine": machine_description(device),
+        "torch": torch.__version__,
+        "peftkern": peftkern.__version__,
+        "config": {
+            "max_length": config.max_length,
+            **asdict(config.train),
+            "train_sizes": sizes,
+            "seeds": config.grid.seeds,
+            "lr_mode": config.grid.lr_mode,
+            "lr_sweep_factors": list(SWEEP_FACTORS) if config.grid.lr_mode == "sweep" else None,
         },
-    )
-    if report.write_plot(results, out / "compare.png", f"{model_name} on {task.name}"):
-        files.append(out / "compare.png")
-    return Comparison(title, results, files)
+        "complete": False,
+        "results": [],
+        "runs": [],
+    }
+    json_path = out / "compare.json"
+    for method in chosen:
+        for size in sizes:
+            splits = {"train": encode(task.train[:size], task.kind, tokenizer, config.max_length), **held_out}
+
+            def train_once(lr: float, seed: int) -> MethodResult:
+                # The same seed for every method: the same head initialisation and batch order.
+                torch.manual_seed(seed)
+                loaded = load_model(model_path, task, tokenizer.pad_token_id)
+                train = replace(config.train, seed=seed)
+                return train_method(method, loaded.model, loaded.head, splits, task.kind, train, device, lr)
+
+            kept, made = measure(method.lr, config.grid, config.train.seed, train_once)
+            document["results"].append(summarize(kept))
+            document["runs"] += [asdict(r) for r in made]
+            report.write_json(document, json_path)
+    document["complete"] = True
+    report.write_json(document, json_path)
+    files = [out / "compare.csv", json_path]
+    report.write_csv(document["results"], files[0])
+    files += plots.write_plots(document, out)
+    return Comparison(document, files)

@@ -4,7 +4,8 @@ Cross-entropy (on the class, or on the completion tokens of a causal LM), AdamW 
 decay on matrices only, linear warm-up then cosine decay to zero, an evaluation on the
 validation split after every epoch, early stopping when the validation loss has not improved
 for `patience` epochs, and the trainable parameters of the best epoch restored before the
-test split is scored. One seed fixes the head's initialisation, dropout and batch order.
+train and test splits are scored. One seed fixes the head's initialisation, dropout and batch
+order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from peftkern.compare.batches import IGNORE, iterate
 from peftkern.compare.data import TaskKind
+from peftkern.compare.memory import MemoryMeter, PeakMemory
 from peftkern.compare.methods import Method
 from peftkern.integrations.loss import use_peftkern_loss
 
@@ -40,22 +42,59 @@ class TrainConfig:
 
 
 @dataclass
+class Curve:
+    """Per epoch: the mean training loss of its steps, and the validation loss and accuracy."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+
+
+@dataclass
 class MethodResult:
+    """One training run: one method, learning rate, seed and training-set size. Losses and
+    accuracies are those of the best epoch (lowest validation loss), whose weights are restored
+    before the train and test splits are scored."""
+
     method: str
+    lr: float
+    seed: int
+    train_size: int
     trainable_params: int
     total_params: int
     trainable_pct: float
-    lr: float
     steps: int
     step_ms: float
-    memory_bytes: int
-    memory_metric: str
+    memory: PeakMemory
+    train_loss: float
+    train_accuracy: float
     val_loss: float
     val_accuracy: float
     test_accuracy: float
     best_epoch: int
     epochs_run: int
     stopped_early: bool
+    curve: Curve
+
+
+class EarlyStopping:
+    """Stop when the validation loss has not improved for `patience` epochs in a row; the
+    best epoch is the one with the lowest loss (the first of equals; NaN never improves)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.epoch, self.best_epoch, self.best_loss = patience, 0, 0, math.inf
+
+    def update(self, val_loss: float) -> bool:
+        """Records one epoch's validation loss; True when it is the best so far."""
+        self.epoch += 1
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, self.epoch
+            return True
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.epoch - self.best_epoch >= self.patience
 
 
 def loss_and_hits(model: nn.Module, batch: dict[str, Tensor], kind: TaskKind) -> tuple[Tensor, int, int]:
@@ -149,35 +188,6 @@ class _Progress:
             print(file=sys.stderr)
 
 
-class _MemoryMeter:
-    """Peak CUDA memory allocated during training on a GPU (weights, gradients, optimiser
-    state and activations). On a CPU, torch has no allocator statistics, so the meter counts
-    the bytes autograd saves for backward in one step (parameters excluded), exactly, with
-    `saved_tensors_hooks`: the part of training memory a method changes the most besides
-    optimiser state."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.metric = "peak CUDA memory allocated" if self.cuda else "activations saved for backward per step"
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.saved: dict[int, int] = {}
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def counting(self) -> torch.autograd.graph.saved_tensors_hooks:
-        def pack(t: Tensor) -> Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.param_storages:
-                self.saved[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-    def result(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else sum(self.saved.values())
-
-
 def train_method(
     method: Method,
     model: nn.Module,
@@ -186,8 +196,11 @@ def train_method(
     kind: TaskKind,
     config: TrainConfig,
     device: torch.device,
+    lr: float | None = None,
 ) -> MethodResult:
-    """Applies `method` to `model` (which it changes), trains, and measures it."""
+    """Applies `method` to `model` (which it changes), trains at `lr` (default: the method's),
+    and measures it."""
+    lr = method.lr if lr is None else lr
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     method.apply(model)
@@ -200,73 +213,91 @@ def train_method(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for _, p in trainable)
-    steps_per_epoch = math.ceil(len(splits["train"]["labels"]) / config.batch_size)
+    train_size = len(splits["train"]["labels"])
+    steps_per_epoch = math.ceil(train_size / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    optimizer = _optimizer(trainable, method.lr, config.weight_decay)
+    optimizer = _optimizer(trainable, lr, config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, config.warmup_fraction)
     )
 
     if kind == "causal-lm":
         use_peftkern_loss(model)  # evaluation passes no labels and still gets logits
-    meter = _MemoryMeter(model, device)
+    meter = MemoryMeter(model, optimizer, device)
     generator = torch.Generator().manual_seed(config.seed)
-    progress = _Progress(total_steps, method.name, config.progress)
+    progress = _Progress(
+        total_steps, f"{method.name} n={train_size} seed={config.seed} lr={lr:.0e}", config.progress
+    )
     step_times: list[float] = []
-    best = (math.inf, 0.0, 0)  # validation loss, accuracy, epoch
+    stopping = EarlyStopping(config.patience)
+    curve = Curve()
     best_state = {n: p.detach().clone() for n, p in trainable}
-    epochs_run, stopped_early, step = 0, False, 0
+    stopped_early, step = False, 0
     for epoch in range(1, config.epochs + 1):
+        epoch_losses = []
         for batch in iterate(splits["train"], config.batch_size, generator):
             if step == total_steps:
                 break
             start = time.perf_counter()
-            # Saved bytes are the same every step (fixed shapes), so one step is counted.
+            # Shapes are the same every step, so the first step is measured.
             with meter.counting() if step == 0 else contextlib.nullcontext():
                 loss = training_loss(model, batch, kind)
             loss.backward()
+            if step == 0:
+                meter.after_backward()
             optimizer.step()
+            if step == 0:
+                meter.after_optimizer_step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - start)
             step += 1
-            progress.update(f"epoch {epoch} loss {loss.item():.3f}")
-        epochs_run = epoch
+            epoch_losses.append(loss.item())
+            progress.update(f"epoch {epoch} loss {epoch_losses[-1]:.3f}")
         val_loss, val_acc = evaluate(model, splits["validation"], kind, config.batch_size)
-        if val_loss < best[0]:
-            best = (val_loss, val_acc, epoch)
+        curve.train_loss.append(statistics.fmean(epoch_losses) if epoch_losses else math.nan)
+        curve.val_loss.append(val_loss)
+        curve.val_accuracy.append(val_acc)
+        if stopping.update(val_loss):
             best_state = {n: p.detach().clone() for n, p in trainable}
-        elif epoch - best[2] >= config.patience:
-            stopped_early = True
-            break
         if step == total_steps:
+            break
+        if stopping.should_stop:  # only early when there was more training to do
+            stopped_early = True
             break
     progress.close()
 
     with torch.no_grad():
         for name, param in trainable:
             param.copy_(best_state[name])
+    train_loss, train_acc = evaluate(model, splits["train"], kind, config.batch_size)
     _, test_acc = evaluate(model, splits["test"], kind, config.batch_size)
+    best = stopping.best_epoch
     # The first step pays for allocation and lazy initialisation; it is not typical.
     typical = step_times[1:] or step_times
     return MethodResult(
         method=method.name,
+        lr=lr,
+        seed=config.seed,
+        train_size=train_size,
         trainable_params=n_trainable,
         total_params=total,
         trainable_pct=100.0 * n_trainable / total,
-        lr=method.lr,
         steps=step,
         step_ms=1e3 * statistics.median(typical),
-        memory_bytes=meter.result(),
-        memory_metric=meter.metric,
-        val_loss=best[0],
-        val_accuracy=best[1],
+        memory=meter.result(),
+        train_loss=train_loss,
+        train_accuracy=train_acc,
+        # Best epoch 0: no epoch had a finite validation loss; the starting weights were kept.
+        val_loss=curve.val_loss[best - 1] if best else math.nan,
+        val_accuracy=curve.val_accuracy[best - 1] if best else math.nan,
         test_accuracy=test_acc,
-        best_epoch=best[2],
-        epochs_run=epochs_run,
+        best_epoch=best,
+        epochs_run=len(curve.val_loss),
         stopped_early=stopped_early,
+        curve=curve,
     )
