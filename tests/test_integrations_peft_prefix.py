@@ -18,8 +18,6 @@ from lora_models import VOCAB, tiny_llama, tokens
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -274,20 +272,12 @@ def _two_adapters():
     return model
 
 
+# Other model types and soft-capped or bidirectional attention: test_integrations_peft_prefix_models.
 SKIPPED = {
-    "gpt2": (
-        lambda: peft_prefix(
-            GPT2LMHeadModel(
-                GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-            ).eval()
-        ),
-        "model type 'gpt2'",
-    ),
     "eager": (
         lambda: peft_prefix(tiny("llama", attn_implementation="eager")),
         "attention implementation 'eager'",
     ),
-    "sliding-window": (lambda: peft_prefix(tiny("mistral", sliding_window=4096)), "sliding-window attention"),
     "two-adapters": (_two_adapters, "2 adapters"),
     "prompt-tuning": (
         lambda: get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M)),
