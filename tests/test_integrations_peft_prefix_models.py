@@ -73,7 +73,15 @@ CONFIGS = {
     "gptj": lambda **kw: GPTJForCausalLM(GPTJConfig(**_GPT, **_NO_DROPOUT_GPT, rotary_dim=4, **kw)),
     "gemma": lambda **kw: GemmaForCausalLM(GemmaConfig(**_GEMMA, **kw)),
     "gemma3": lambda **kw: Gemma3ForCausalLM(
-        Gemma3TextConfig(**{**_GEMMA, "query_pre_attn_scalar": 12, "sliding_window": 32, **kw})
+        Gemma3TextConfig(
+            **{
+                **_GEMMA,
+                "query_pre_attn_scalar": 12,
+                "sliding_window": 32,
+                "layer_types": ["sliding_attention", "full_attention"],
+                **kw,
+            }
+        )
     ),
 }
 
@@ -111,6 +119,7 @@ def test_family_equals_peft(family, projection, mode, prefix_calls):  # noqa: F8
     model = copy.deepcopy(ref)
     report = peftkern.patch_peft(model)
     assert report.num_patched == LAYERS and report.num_skipped == 0, report.skipped
+    assert [model.get_submodule(name).layer_idx for name in report.patched] == list(range(LAYERS))
     x = tokens(batch=3, seq=9)
     with torch.no_grad():  # the prefix matters: equality below is not equality of two no-ops
         assert not torch.allclose(ref(input_ids=x).logits, ref.get_base_model()(x).logits, atol=1e-2)
@@ -122,6 +131,19 @@ def test_family_equals_peft(family, projection, mode, prefix_calls):  # noqa: F8
         assert not [w for w in caught if "peftkern" in str(w.message)]
         assert prefix_calls == list(range(LAYERS))  # every layer ran the prefix attention
         assert_same(ours, step(ref, x, mask), **TIGHT)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
+def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls):  # noqa: F811
+    """The rows reach checkpointed layers' recomputation too (a keyword argument every family's
+    decoder layer hands to its attention)."""
+    ref = peft_prefix(tiny(family), projection=True).train()
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    model.get_base_model().gradient_checkpointing_enable()
+    x = tokens(batch=3, seq=9)
+    assert_same(step(model, x, padding_mask(x)), step(ref, x, padding_mask(x)), **TIGHT)
+    assert prefix_calls == [*range(LAYERS), *reversed(range(LAYERS))]  # forward; backward recomputes
 
 
 def test_opt_positions_follow_the_padding(prefix_calls):  # noqa: F811
