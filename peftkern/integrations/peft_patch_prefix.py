@@ -18,10 +18,10 @@ The swapped forward re-checks on every call what it covers and hands anything el
 forward (with a warning naming the reason): a requested KV cache (``use_cache=True``, a cache
 passed in), ``output_attentions=True``, 4-D attention masks, attention dropout in training,
 several adapters, and a call too long for a sliding window (``m + n`` above it: the window
-would hide prefix rows, which the op always shows). Which model families are covered, and
-what differs between them, is `prefix_models`. Unlike peft's forward, a patched call returns no KV cache (``cache`` is
-None): peft's forward replaces any cache passed to it anyway, so continuing from one goes
-through ``generate``, which never runs this forward.
+would hide prefix rows, which the op always shows). Unlike peft's forward, a patched call
+returns no KV cache (``cache`` is None): peft's forward replaces any cache passed to it
+anyway, so continuing from one goes through ``generate``, which never runs this forward.
+Which model families are covered, and what differs between them, is `prefix_models`.
 """
 
 from __future__ import annotations
