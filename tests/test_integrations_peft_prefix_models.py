@@ -146,6 +146,25 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls)
     assert prefix_calls == [*range(LAYERS), *reversed(range(LAYERS))]  # forward; backward recomputes
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
+def test_generation_and_disabled_adapter_stay_peft(family, prefix_calls):  # noqa: F811
+    """Calls without the rows (generate, disable_adapter) run the family's attention through
+    the SDPA fallback with SDPA's masks: peft's generated tokens, the base model's logits."""
+    ref = peft_prefix(tiny(family))
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens(batch=2, seq=6)
+    mask = torch.ones_like(x)
+    mask[1, :2] = 0  # left padding, as generation batches are padded
+    with torch.no_grad():
+        kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(**kwargs), ref.generate(**kwargs))
+        with model.disable_adapter():
+            ours = model(input_ids=x, attention_mask=mask).logits
+        torch.testing.assert_close(ours, ref.get_base_model()(input_ids=x, attention_mask=mask).logits)
+    assert not prefix_calls
+
+
 def test_opt_positions_follow_the_padding(prefix_calls):  # noqa: F811
     """OPT counts positions over the attention mask (left padding shifts them) where the others
     count from the cache length; explicit position_ids are shifted by m, as peft does."""
