@@ -12,7 +12,7 @@ import pytest
 import torch
 from lora_models import VOCAB, tokens
 from peft import PrefixTuningConfig, get_peft_model
-from test_integrations_peft_prefix import LAYERS, TIGHT, M, padding_mask, peft_prefix, prefix_calls  # noqa: F401
+from peft_prefix_helpers import LAYERS, TIGHT, M, count_prefix_calls, padding_mask, peft_prefix
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -111,10 +111,16 @@ def assert_same(ours, theirs, **tol):
         torch.testing.assert_close(ours[2][name], theirs[2][name], msg=lambda m: f"{name}: {m}", **tol)
 
 
+@pytest.fixture
+def prefix_calls(monkeypatch):
+    """The layers that ran peftkern's prefix attention."""
+    return count_prefix_calls(monkeypatch)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "prefix_projection"])
 @pytest.mark.parametrize("family", list(CONFIGS))
-def test_family_equals_peft(family, projection, mode, prefix_calls):  # noqa: F811
+def test_family_equals_peft(family, projection, mode, prefix_calls):
     ref = peft_prefix(tiny(family), projection).train(mode == "train")
     model = copy.deepcopy(ref)
     report = peftkern.patch_peft(model)
@@ -134,7 +140,7 @@ def test_family_equals_peft(family, projection, mode, prefix_calls):  # noqa: F8
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
-def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls):  # noqa: F811
+def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls):
     """The rows reach checkpointed layers' recomputation too (a keyword argument every family's
     decoder layer hands to its attention)."""
     ref = peft_prefix(tiny(family), projection=True).train()
@@ -147,7 +153,7 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
-def test_generation_and_disabled_adapter_stay_peft(family, prefix_calls):  # noqa: F811
+def test_generation_and_disabled_adapter_stay_peft(family, prefix_calls):
     """Calls without the rows (generate, disable_adapter) run the family's attention through
     the SDPA fallback with SDPA's masks: peft's generated tokens, the base model's logits."""
     ref = peft_prefix(tiny(family))
@@ -165,7 +171,7 @@ def test_generation_and_disabled_adapter_stay_peft(family, prefix_calls):  # noq
     assert not prefix_calls
 
 
-def test_opt_positions_follow_the_padding(prefix_calls):  # noqa: F811
+def test_opt_positions_follow_the_padding(prefix_calls):
     """OPT counts positions over the attention mask (left padding shifts them) where the others
     count from the cache length; explicit position_ids are shifted by m, as peft does."""
     ref = peft_prefix(tiny("opt"))
@@ -193,7 +199,7 @@ WINDOWED = {
 
 
 @pytest.mark.parametrize("family", list(WINDOWED))
-def test_sliding_window_runs_fused_while_the_prefix_fits(family, prefix_calls):  # noqa: F811
+def test_sliding_window_runs_fused_while_the_prefix_fits(family, prefix_calls):
     """m + n <= window: the window hides nothing and the call runs the prefix attention.
     Longer: the window would hide prefix rows, which the op cannot, so the call runs peft's
     forward (with a warning) and gives peft's numbers."""
@@ -213,7 +219,7 @@ def test_sliding_window_runs_fused_while_the_prefix_fits(family, prefix_calls): 
     assert_same(ours, step(ref, too_long, padding_mask(too_long)), rtol=0, atol=0)
 
 
-def test_gpt2_attention_dropout_in_training_runs_peft(prefix_calls):  # noqa: F811
+def test_gpt2_attention_dropout_in_training_runs_peft(prefix_calls):
     """GPT-2 keeps its attention dropout in attn_pdrop (0.1 in its released configs)."""
     ref = peft_prefix(tiny("gpt2", attn_pdrop=0.1)).train()
     model = copy.deepcopy(ref)
@@ -264,7 +270,7 @@ LEFT_TO_PEFT = {
 
 
 @pytest.mark.parametrize("case", list(LEFT_TO_PEFT))
-def test_models_left_on_peft_path_are_reported_and_unchanged(case, prefix_calls):  # noqa: F811
+def test_models_left_on_peft_path_are_reported_and_unchanged(case, prefix_calls):
     build, reason = LEFT_TO_PEFT[case]
     ref = peft_prefix(build())
     model = copy.deepcopy(ref)
