@@ -139,6 +139,21 @@ def test_family_equals_peft(family, projection, mode, prefix_calls):
         assert_same(ours, step(ref, x, mask), **TIGHT)
 
 
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_family_gradients_of_an_unfrozen_base_model(family, prefix_calls):
+    """Every base parameter trainable too: their gradients pass through the prefix attention's
+    gradients with respect to q, k and v, and through each family's projections and rotary."""
+    ref = peft_prefix(tiny(family)).train()
+    ref.get_base_model().requires_grad_(True)
+    model = copy.deepcopy(ref)
+    peftkern.patch_peft(model)
+    x = tokens(batch=3, seq=9)
+    ours, theirs = step(model, x, padding_mask(x)), step(ref, x, padding_mask(x))
+    assert len(ours[2]) > 10  # the prefix and the whole base model
+    assert_same(ours, theirs, **TIGHT)
+    assert prefix_calls == list(range(LAYERS))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
 def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls):
     """The rows reach checkpointed layers' recomputation too (a keyword argument every family's
@@ -286,8 +301,8 @@ def test_models_left_on_peft_path_are_reported_and_unchanged(case, prefix_calls)
     assert not prefix_calls
 
 
-def test_prefix_projection_off_by_default_still_trains_only_the_prefix():
-    """The covered families train exactly peft's parameters: the prefix table (or the MLP)."""
+def test_patching_keeps_peft_trainable_parameters():
+    """Patching changes no parameter's trainability: peft's prefix table stays the only one."""
     for family in ("gpt2", "opt", "gptj", "gemma", "gemma3"):
         model = get_peft_model(tiny(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M))
         before = [name for name, p in model.named_parameters() if p.requires_grad]
