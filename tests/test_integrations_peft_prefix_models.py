@@ -86,6 +86,10 @@ CONFIGS = {
 }
 
 
+# The GPT-2 scaling variants change one number per layer: the unfrozen-base test covers them.
+FAMILIES = [name for name in CONFIGS if not name.startswith("gpt2-")]
+
+
 def tiny(name: str, **overrides):
     torch.manual_seed(0)
     return CONFIGS[name](**overrides).eval()
@@ -119,7 +123,7 @@ def prefix_calls(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "prefix_projection"])
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_equals_peft(family, projection, mode, prefix_calls):
     ref = peft_prefix(tiny(family), projection).train(mode == "train")
     model = copy.deepcopy(ref)
@@ -154,7 +158,7 @@ def test_family_gradients_of_an_unfrozen_base_model(family, prefix_calls):
     assert prefix_calls == list(range(LAYERS))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls):
     """The rows reach checkpointed layers' recomputation too (a keyword argument every family's
     decoder layer hands to its attention)."""
@@ -167,7 +171,7 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls)
     assert prefix_calls == [*range(LAYERS), *reversed(range(LAYERS))]  # forward; backward recomputes
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "gptj", "gemma", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generation_and_disabled_adapter_stay_peft(family, prefix_calls):
     """Calls without the rows (generate, disable_adapter) run the family's attention through
     the SDPA fallback with SDPA's masks: peft's generated tokens, the base model's logits."""
@@ -303,7 +307,7 @@ def test_models_left_on_peft_path_are_reported_and_unchanged(case, prefix_calls)
 
 def test_patching_keeps_peft_trainable_parameters():
     """Patching changes no parameter's trainability: peft's prefix table stays the only one."""
-    for family in ("gpt2", "opt", "gptj", "gemma", "gemma3"):
+    for family in FAMILIES:
         model = get_peft_model(tiny(family), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M))
         before = [name for name, p in model.named_parameters() if p.requires_grad]
         peftkern.patch_peft(model)
