@@ -16,10 +16,9 @@ import pytest
 import torch
 from lora_models import VOCAB, tiny_llama, tokens
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft_prefix_helpers import LAYERS, TIGHT, M, count_prefix_calls, padding_mask, peft_prefix
 from safetensors.torch import load_file
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -31,8 +30,6 @@ from transformers import (
 import peftkern
 from peftkern.integrations import peft_patch_prefix
 
-M = 5  # virtual tokens
-LAYERS = 2
 DECODER = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -42,7 +39,6 @@ DECODER = dict(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
-TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 
 def tiny(family: str, **overrides):
@@ -54,36 +50,6 @@ def tiny(family: str, **overrides):
     }[family]
     extra = {"sliding_window": None} if family == "mistral" else {}
     return model_cls(config_cls(**{**DECODER, **extra, **overrides})).eval()
-
-
-def peft_prefix(base, projection: bool = False, **kwargs):
-    """A peft prefix-tuning model on a copy of `base`; the prefix changes the outputs (peft's
-    default initialisation is N(0, 1)), so equal outputs mean the prefix was applied."""
-    extra = {"prefix_projection": True, "encoder_hidden_size": 24} if projection else {}
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M, **extra, **kwargs)
-    return get_peft_model(copy.deepcopy(base), config)
-
-
-def padding_mask(x: torch.Tensor) -> torch.Tensor:
-    """Row 0 unpadded, row 1 right-padded, row 2 left-padded."""
-    mask = torch.ones_like(x)
-    mask[1, -3:] = 0
-    mask[2, :4] = 0
-    return mask
-
-
-@pytest.fixture
-def prefix_calls(monkeypatch):
-    """Counts the layers that ran peftkern's prefix attention."""
-    calls = []
-    original = peft_patch_prefix.attend_with_prefix
-
-    def counting(module, *args, **kwargs):
-        calls.append(module.layer_idx)
-        return original(module, *args, **kwargs)
-
-    monkeypatch.setattr(peft_patch_prefix, "attend_with_prefix", counting)
-    return calls
 
 
 def run(model, x, mask=None, **kwargs):
@@ -101,6 +67,12 @@ def assert_same_step(a, b, **tol):
     assert a[2].keys() == b[2].keys() and a[2]
     for name in a[2]:
         torch.testing.assert_close(a[2][name], b[2][name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.fixture
+def prefix_calls(monkeypatch):
+    """The layers that ran peftkern's prefix attention."""
+    return count_prefix_calls(monkeypatch)
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "prefix_projection"])
@@ -274,20 +246,12 @@ def _two_adapters():
     return model
 
 
+# Other model types and soft-capped or bidirectional attention: test_integrations_peft_prefix_models.
 SKIPPED = {
-    "gpt2": (
-        lambda: peft_prefix(
-            GPT2LMHeadModel(
-                GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-            ).eval()
-        ),
-        "model type 'gpt2'",
-    ),
     "eager": (
         lambda: peft_prefix(tiny("llama", attn_implementation="eager")),
         "attention implementation 'eager'",
     ),
-    "sliding-window": (lambda: peft_prefix(tiny("mistral", sliding_window=4096)), "sliding-window attention"),
     "two-adapters": (_two_adapters, "2 adapters"),
     "prompt-tuning": (
         lambda: get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M)),

@@ -27,21 +27,24 @@ def transformers_model(model: nn.Module, who: str) -> nn.Module:
     return base
 
 
-def attention_layers(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
+def attention_layers(
+    model: nn.Module, num_layers: int, projections: tuple[str, ...] = ("q_proj", "query")
+) -> list[tuple[str, nn.Module]]:
     """The self-attention modules of a transformers model, one per layer ``0..num_layers-1``:
-    the modules with an int ``layer_idx`` and a ``q_proj`` (Llama naming) or ``query`` (BERT
-    naming) projection. A ValueError when there is not exactly one per layer."""
+    the modules with an int ``layer_idx`` and one of the `projections` (by default ``q_proj``,
+    Llama naming, or ``query``, BERT naming; GPT-2 has ``c_attn``). A ValueError when there is
+    not exactly one per layer."""
     found = [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(getattr(m, "layer_idx", None), int)
-        and any(isinstance(getattr(m, p, None), nn.Module) for p in ("q_proj", "query"))
+        and any(isinstance(getattr(m, p, None), nn.Module) for p in projections)
     ]
     indices = sorted(m.layer_idx for _, m in found)
     if indices != list(range(num_layers)):
         raise ValueError(
-            f"{type(model).__name__} should have one self-attention module (with a q_proj or query projection "
-            f"and a layer_idx) per layer, 0..{num_layers - 1}; found layer indices {indices}"
+            f"{type(model).__name__} should have one self-attention module (with a {' or '.join(projections)} "
+            f"projection and a layer_idx) per layer, 0..{num_layers - 1}; found layer indices {indices}"
         )
     return found
 

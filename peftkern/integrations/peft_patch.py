@@ -214,8 +214,9 @@ def patch_peft(peft_model: nn.Module) -> PatchReport:
     """Switches a `peft` model to peftkern's kernels in place.
 
     LoRA: every LoRA Linear layer runs peftkern's fused op. Prefix tuning (a CAUSAL_LM
-    PeftModel of a Llama, Mistral or Qwen2 model): the prefix rows from peft's prompt encoder
-    go to peftkern's prefix attention instead of a KV cache (see `peft_patch_prefix`).
+    PeftModel of a model family in `prefix_models.FAMILIES`: Llama, Mistral, Qwen2, Gemma,
+    Gemma 3, GPT-2, GPT-J, OPT): the prefix rows from peft's prompt encoder go to peftkern's
+    prefix attention instead of a KV cache (see `peft_patch_prefix`).
 
     Returns a PatchReport: layers patched, and layers left on peft's forward with the reason
     (DoRA and other variants, quantized or non-Linear bases, lora_bias, merged layers, several

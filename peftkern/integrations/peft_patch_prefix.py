@@ -17,9 +17,11 @@ exactly peft's.
 The swapped forward re-checks on every call what it covers and hands anything else to peft's
 forward (with a warning naming the reason): a requested KV cache (``use_cache=True``, a cache
 passed in), ``output_attentions=True``, 4-D attention masks, attention dropout in training,
-several adapters. Unlike peft's forward, a patched call returns no KV cache (``cache`` is
-None): peft's forward replaces any cache passed to it anyway, so continuing from one goes
-through ``generate``, which never runs this forward.
+several adapters, and a call too long for a sliding window (``m + n`` above it: the window
+would hide prefix rows, which the op always shows). Unlike peft's forward, a patched call
+returns no KV cache (``cache`` is None): peft's forward replaces any cache passed to it
+anyway, so continuing from one goes through ``generate``, which never runs this forward.
+Which model families are covered, and what differs between them, is `prefix_models`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from peftkern.integrations.binding import bind, bound_function, unbind
@@ -38,15 +39,12 @@ from peftkern.integrations.hf_attention import (
     restore_attention_implementation,
     switch_attention,
 )
+from peftkern.integrations.prefix_models import FAMILIES, sliding_window, unsupported_attention
 
 ATTENTION_NAME = "peftkern_peft_prefix"
 ROWS_KWARG = "peftkern_prefix_rows"
 WHO = "patch_peft (prefix tuning)"
 
-# Decoder families whose attention layers were checked to hand their keyword arguments to the
-# attention function, to take position_ids for their rotary embedding, and whose peft prefix
-# is a plain DynamicCache (no post-processing); the tests compare each with peft.
-COVERED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The attention implementation the patched model falls back to when a call carries no rows.
 ORIGINAL_ATTENTION = "sdpa"
 # Arguments that make peft's forward do something this forward does not reproduce.
@@ -75,11 +73,15 @@ def _attention(
     if dropout > 0.0:
         # The patched forward hands training with attention dropout to peft; this is a bug.
         raise RuntimeError(f"peftkern: {WHO}: attention dropout {dropout} reached the prefix attention")
-    if kwargs.get("sliding_window") is not None:
-        raise RuntimeError(f"peftkern: {WHO}: sliding-window attention reached the prefix attention")
     prefix_k, prefix_v = (
         t.to(query.device) for t in rows[module.layer_idx]
     )  # layers may sit on other devices
+    # The patched forward hands these calls to peft (prefix_models); reaching here is a bug.
+    window = kwargs.get("sliding_window")
+    if window is not None and prefix_k.shape[1] + query.shape[2] > window:
+        raise RuntimeError(f"peftkern: {WHO}: a sliding window {window} reached the prefix attention")
+    if kwargs.get("softcap") is not None:
+        raise RuntimeError(f"peftkern: {WHO}: logit soft-capping reached the prefix attention")
     return attend_with_prefix(
         module, query, key, value, attention_mask, prefix_k, prefix_v, scaling, kwargs, who=WHO
     )
@@ -126,19 +128,19 @@ def _static_reason(peft_model: nn.Module) -> str | None:
     base = peft_model.get_base_model()
     model_config = base.config
     model_type = getattr(model_config, "model_type", None)
-    if model_type not in COVERED_MODEL_TYPES:
-        return f"model type {model_type!r} (peftkern's prefix path is verified for {', '.join(COVERED_MODEL_TYPES)})"
+    # First: the reason a user can act on (Gemma 2 soft-caps, and is no family for that reason).
+    unsupported = unsupported_attention(model_config)
+    if unsupported is not None:
+        return unsupported
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return f"model type {model_type!r} (peftkern's prefix path is verified for {', '.join(FAMILIES)})"
     implementation = model_config._attn_implementation
     if implementation != ORIGINAL_ATTENTION:
         return (
             f"attention implementation {implementation!r} "
             f"(peftkern's prefix path takes over from {ORIGINAL_ATTENTION!r} only)"
         )
-    window = getattr(model_config, "sliding_window", None)
-    if window is not None and getattr(model_config, "use_sliding_window", True):
-        return f"sliding-window attention (sliding_window={window}): the prefix would leave the window"
-    if set(getattr(model_config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-        return f"layer types {sorted(set(model_config.layer_types))} (not all full attention)"
     num_layers = model_config.num_hidden_layers
     num_kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
     head_dim = (
@@ -152,14 +154,18 @@ def _static_reason(peft_model: nn.Module) -> str | None:
             f"model has {num_layers} layers x {num_kv_heads} key/value heads x head_dim {head_dim}"
         )
     try:
-        attention_layers(base, num_layers)
+        attention_layers(base, num_layers, (family.projection,))
     except ValueError as error:
         return str(error)
     return None
 
 
 def _call_reason(
-    model: nn.Module, attention_mask: Tensor | None, output_attentions: bool | None, kwargs: dict
+    model: nn.Module,
+    num_tokens: int,
+    attention_mask: Tensor | None,
+    output_attentions: bool | None,
+    kwargs: dict,
 ) -> str | None:
     """Why this call must go to peft's forward."""
     if len(model.peft_config) != 1 or model.active_adapter != model.__dict__["_peftkern_prefix_adapter"]:
@@ -175,9 +181,17 @@ def _call_reason(
         return "output_attentions=True (the fused attention returns no attention weights)"
     if attention_mask is not None and attention_mask.dim() != 2:
         return f"a {attention_mask.dim()}-D attention mask (peftkern takes a 2-D padding mask)"
-    dropout = getattr(model.get_base_model().config, "attention_dropout", 0.0) or 0.0
+    config = model.get_base_model().config
+    dropout = getattr(config, FAMILIES[config.model_type].dropout, 0.0) or 0.0
     if model.training and dropout > 0.0:
         return f"attention dropout {dropout} in training (the fused attention has none)"
+    window = sliding_window(config)
+    m = model.active_peft_config.num_virtual_tokens
+    if window is not None and m + num_tokens > window:
+        return (
+            f"{m} prefix rows + {num_tokens} tokens exceed the sliding window {window} "
+            "(the window would hide prefix rows)"
+        )
     return None
 
 
@@ -214,7 +228,9 @@ def _prefix_forward(
     task_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> Any:
-    reason = _call_reason(self, attention_mask, output_attentions, kwargs)
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    num_tokens = tokens.shape[1] if tokens is not None else 0
+    reason = _call_reason(self, num_tokens, attention_mask, output_attentions, kwargs)
     if reason is not None:
         # Not silent: this call computes prefix tuning, through peft's cache. Python's warning
         # filter shows each reason once.
@@ -232,15 +248,16 @@ def _prefix_forward(
             **kwargs,
         )
     config = self.active_peft_config
-    tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is None:
         raise ValueError("peftkern: you must specify exactly one of input_ids or inputs_embeds")
     # peft's own adjustments: position_ids shifted by m, token_type_ids dropped (with its warnings).
     self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
     if kwargs.get("position_ids") is None:
         # What the base model derives from a cache holding the m prefix rows.
-        m, n = config.num_virtual_tokens, tokens.shape[1]
-        kwargs["position_ids"] = torch.arange(m, m + n, device=tokens.device).unsqueeze(0)
+        family = FAMILIES[self.get_base_model().config.model_type]
+        kwargs["position_ids"] = family.positions(
+            config.num_virtual_tokens, num_tokens, attention_mask, tokens.device
+        )
     kwargs.pop("use_cache", None)
     kwargs[ROWS_KWARG] = prefix_rows(self)
     return self.base_model(
@@ -282,7 +299,8 @@ def patch_prefix(peft_model: nn.Module, report: Any) -> None:
         report.skipped[report_key(peft_model)] = reason
         return
     base = peft_model.get_base_model()
-    layers = attention_layers(base, base.config.num_hidden_layers)
+    projection = FAMILIES[base.config.model_type].projection
+    layers = attention_layers(base, base.config.num_hidden_layers, (projection,))
     if not switch_attention(base, ATTENTION_NAME, _attention):
         report.skipped[report_key(peft_model)] = (
             f"{type(base).__name__} does not use transformers' attention interface"
