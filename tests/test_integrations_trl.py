@@ -82,6 +82,7 @@ def sft_run(
     peft_config=None,
     patch_trainer_model: bool = False,
     checkpointing: bool = True,
+    bf16: bool = False,
 ):
     """Trains STEPS steps; returns the trainer, the trainable parameters before training and
     after every step (its per-step losses are `trainer.losses`)."""
@@ -93,7 +94,7 @@ def sft_run(
         # near Adam's eps (the random tiny model has some) would turn a 1e-10 rounding difference
         # into a visible weight difference; SGD keeps the comparison at fp32 precision.
         optim="sgd",
-        bf16=False,  # SFTConfig's default is bf16 autocast; this compares in fp32
+        bf16=bf16,  # SFTConfig's default is True (bf16 autocast); the step-by-step comparison is in fp32
         gradient_checkpointing=checkpointing,  # SFTConfig's default is True
         learning_rate=LR,
         logging_steps=1,
@@ -202,3 +203,26 @@ def test_sft_trainer_with_patched_prefix_tuning_model_matches_peft(tmp_path, mon
     patched = sft_run(tmp_path, "patched", model)
     assert prefix_calls[0] == 2 * 2 * STEPS  # 2 layers, forward and its recomputation
     assert_same_training(patched, reference)
+
+
+def test_sft_trainer_bf16_autocast_patched_lora_is_as_close_to_fp32_as_peft(tmp_path):
+    """SFTConfig's defaults train under bf16 autocast (on the CPU too). Patched, every step's
+    loss and parameters are at most twice as far from the fp32 run as peft's own bf16 run is
+    (the project's low-precision rule; the floors are far below bf16's resolution)."""
+
+    def run(name: str, **options):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        return sft_run(tmp_path, name, tiny_llama(), peft_config=config, **options)
+
+    (exact, _, exact_params), (peft_bf16, _, peft_params) = run("fp32"), run("peft", bf16=True)
+    patched, _, patched_params = run("patched", bf16=True, patch_trainer_model=True)
+    assert patched.args.bf16 and patched.args.gradient_checkpointing
+    loss = torch.tensor(exact.losses)
+    peft_error = (torch.tensor(peft_bf16.losses) - loss).abs()
+    assert (peft_error > 0).any()  # autocast did run in bf16
+    assert ((torch.tensor(patched.losses) - loss).abs() <= 2 * peft_error + 1e-4).all()
+    for step, expected in enumerate(exact_params):
+        for key, value in expected.items():
+            peft_error = (peft_params[step][key] - value).abs().max()
+            patched_error = (patched_params[step][key] - value).abs().max()
+            assert patched_error <= 2 * peft_error + 1e-5, f"after step {step + 1}, {key}"
