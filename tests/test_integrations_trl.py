@@ -81,6 +81,7 @@ def sft_run(
     model,
     peft_config=None,
     patch_trainer_model: bool = False,
+    fused_loss: bool = False,
     checkpointing: bool = True,
     bf16: bool = False,
 ):
@@ -119,6 +120,8 @@ def sft_run(
     if patch_trainer_model:
         report = peftkern.patch_peft(trainer.model)
         assert report.num_patched > 0 and report.num_skipped == 0, str(report)
+    if fused_loss:
+        peftkern.use_peftkern_loss(trainer.model)
     trainer.train()
     return trainer, initial, record.params
 
@@ -202,6 +205,21 @@ def test_sft_trainer_with_patched_prefix_tuning_model_matches_peft(tmp_path, mon
     assert peftkern.patch_peft(model).num_patched == 2
     patched = sft_run(tmp_path, "patched", model)
     assert prefix_calls[0] == 2 * 2 * STEPS  # 2 layers, forward and its recomputation
+    assert_same_training(patched, reference)
+
+
+def test_sft_trainer_with_use_peftkern_loss_trains_through_trls_own_fused_head(tmp_path, monkeypatch):
+    """SFTTrainer replaces the model's forward with TRL's chunked LM head and calls it with
+    ``fused_lm_head=True``; use_peftkern_loss applied on top (after the trainer was built)
+    hands such calls to it, so training runs and equals the plain run."""
+
+    def config() -> LoraConfig:
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+    reference = sft_run(tmp_path, "peft", tiny_llama(), peft_config=config())
+    patched = sft_run(
+        tmp_path, "patched", tiny_llama(), peft_config=config(), patch_trainer_model=True, fused_loss=True
+    )
     assert_same_training(patched, reference)
 
 
