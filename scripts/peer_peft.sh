@@ -71,6 +71,8 @@ print(f"patched run: {counts['models']} models patched, {counts['layers_patched'
       f"lora_bias, {counts['patched_prefix']} prefix), {counts['layers_skipped']} skipped; "
       f"{counts['fused_lora_calls']} fused LoRA calls, {counts['fused_dora_calls']} fused DoRA calls, "
       f"{counts['prefix_calls']} prefix-attention calls")
+for reason, n in sorted(counts["skipped_reasons"].items(), key=lambda item: -item[1])[:8]:
+    print(f"  skipped {n}: {reason}")
 print(f"fail only patched: {len(only_patched)}")
 for test in only_patched:
     print(f"  {test}")

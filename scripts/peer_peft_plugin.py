@@ -4,8 +4,8 @@
 `get_peft_model` and `PeftModel.from_pretrained` are wrapped before the test modules are
 imported (they import these names at import time). At the end of the session the counts are
 written as JSON to $PEFTKERN_PEER_COUNTS: models patched, layers patched (in all and by kind:
-plain LoRA, DoRA, LoRA with lora_bias, prefix-attention) and skipped, and calls of the fused
-LoRA op, of the fused DoRA op and of the prefix attention.
+plain LoRA, DoRA, LoRA with lora_bias, prefix-attention) and skipped (by reason), and calls of
+the fused LoRA op, of the fused DoRA op and of the prefix attention.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ COUNTS = {
     "fused_lora_calls": 0,
     "fused_dora_calls": 0,
     "prefix_calls": 0,
+    "skipped_reasons": {},  # reason -> layers skipped for it
 }
 
 
@@ -54,6 +55,9 @@ def _patched(build: Any) -> Any:
         COUNTS["layers_skipped"] += report.num_skipped
         for name in report.patched:
             COUNTS[_kind(model, name, report.method)] += 1
+        reasons = COUNTS["skipped_reasons"]
+        for reason in report.skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
         return model
 
     return wrapper
