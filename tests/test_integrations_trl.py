@@ -2,11 +2,12 @@
 
 A few steps of `trl.SFTTrainer` on a prompt/completion dataset (TRL masks the prompt tokens:
 completion-only loss) with peftkern patched in, against the same run unpatched: the loss of
-every step and every trainable parameter after every step agree to fp32 precision. Covered
-are the two ways a user combines them: a `peft_config` given to SFTTrainer with
+every step and every trainable parameter after every step agree to fp32 precision (fp32 and
+plain SGD; under SFTConfig's default bf16 autocast, within the project's low-precision rule).
+Covered are the two ways a user combines them: a `peft_config` given to SFTTrainer with
 ``patch_peft(trainer.model)`` before ``train()`` (LoRA, DoRA), and a PeftModel patched before
-it is handed to SFTTrainer (prefix tuning). Tiny random Llama, word-level tokenizer built in
-memory, CPU, nothing downloaded.
+it is handed to SFTTrainer (prefix tuning); and use_peftkern_loss on top of TRL's own fused LM
+head. Tiny random Llama, word-level tokenizer built in memory, CPU, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ SPECIALS = ("<pad>", "<eos>", "<unk>")
 # A patched layer or model that hands a call back to peft warns "peftkern: a patched ..."; here
 # every call must run peftkern's ops, so such a warning fails the test.
 pytestmark = pytest.mark.filterwarnings("error:peftkern. a patched")
+
+
+def lora_config(use_dora: bool = False) -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -85,8 +90,9 @@ def sft_run(
     checkpointing: bool = True,
     bf16: bool = False,
 ):
-    """Trains STEPS steps; returns the trainer, the trainable parameters before training and
-    after every step (its per-step losses are `trainer.losses`)."""
+    """Trains STEPS steps, after ``patch_peft(trainer.model)`` and ``use_peftkern_loss`` when
+    asked; returns the trainer, the trainable parameters before training and after every step
+    (its per-step losses are `trainer.losses`)."""
     args = trl.SFTConfig(
         output_dir=str(tmp_path / name),
         max_steps=STEPS,
@@ -176,12 +182,11 @@ def assert_same_training(patched, reference) -> None:
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_sft_trainer_with_peft_config_and_patched_model_matches_peft(tmp_path, monkeypatch, use_dora):
-    def config() -> LoraConfig:
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
-
-    reference = sft_run(tmp_path, "peft", tiny_llama(), peft_config=config())
+    reference = sft_run(tmp_path, "peft", tiny_llama(), peft_config=lora_config(use_dora))
     fused = count_calls(monkeypatch, peft_patch, "dora_linear" if use_dora else "lora_linear")
-    patched = sft_run(tmp_path, "patched", tiny_llama(), peft_config=config(), patch_trainer_model=True)
+    patched = sft_run(
+        tmp_path, "patched", tiny_llama(), peft_config=lora_config(use_dora), patch_trainer_model=True
+    )
     # 4 layers, twice a step: SFTConfig turns gradient checkpointing on, which recomputes the
     # forward during backward.
     assert patched[0].args.gradient_checkpointing
@@ -208,17 +213,19 @@ def test_sft_trainer_with_patched_prefix_tuning_model_matches_peft(tmp_path, mon
     assert_same_training(patched, reference)
 
 
-def test_sft_trainer_with_use_peftkern_loss_trains_through_trls_own_fused_head(tmp_path, monkeypatch):
+def test_sft_trainer_with_use_peftkern_loss_trains_through_trls_own_fused_head(tmp_path):
     """SFTTrainer replaces the model's forward with TRL's chunked LM head and calls it with
     ``fused_lm_head=True``; use_peftkern_loss applied on top (after the trainer was built)
     hands such calls to it, so training runs and equals the plain run."""
 
-    def config() -> LoraConfig:
-        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-
-    reference = sft_run(tmp_path, "peft", tiny_llama(), peft_config=config())
+    reference = sft_run(tmp_path, "peft", tiny_llama(), peft_config=lora_config())
     patched = sft_run(
-        tmp_path, "patched", tiny_llama(), peft_config=config(), patch_trainer_model=True, fused_loss=True
+        tmp_path,
+        "patched",
+        tiny_llama(),
+        peft_config=lora_config(),
+        patch_trainer_model=True,
+        fused_loss=True,
     )
     assert_same_training(patched, reference)
 
@@ -229,8 +236,7 @@ def test_sft_trainer_bf16_autocast_patched_lora_is_as_close_to_fp32_as_peft(tmp_
     (the project's low-precision rule; the floors are far below bf16's resolution)."""
 
     def run(name: str, **options):
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-        return sft_run(tmp_path, name, tiny_llama(), peft_config=config, **options)
+        return sft_run(tmp_path, name, tiny_llama(), peft_config=lora_config(), **options)
 
     (exact, _, exact_params), (peft_bf16, _, peft_params) = run("fp32"), run("peft", bf16=True)
     patched, _, patched_params = run("patched", bf16=True, patch_trainer_model=True)
