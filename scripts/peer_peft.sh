@@ -6,13 +6,14 @@
 #
 #   scripts/peer_peft.sh [extra pytest arguments, e.g. -x or --maxfail=50]
 # Environment: PEER_DIR (work directory, default /tmp/peftkern-peer), PEER_K (the -k
-# expression, default "lora or prefix"), PEER_TESTS (default: tests/test_custom_models.py
-# tests/test_decoder_models.py).
+# expression, default "lora or dora or prefix": -k ignores case, so "lora" takes the "... LoRA
+# with DoRA" and "... LoRA with lora_b bias" cases, "dora" the DoRA tests whose names say only
+# DoRA), PEER_TESTS (default: tests/test_custom_models.py tests/test_decoder_models.py).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${PEER_DIR:-/tmp/peftkern-peer}
-select=${PEER_K:-lora or prefix}
+select=${PEER_K:-lora or dora or prefix}
 tests=${PEER_TESTS:-tests/test_custom_models.py tests/test_decoder_models.py}
 version=$(python3 -c 'import peft; print(peft.__version__)')
 mkdir -p "$work"
@@ -65,9 +66,13 @@ def failed(name):
 only_patched = sorted(failed("patched") - failed("unpatched"))
 only_unpatched = sorted(failed("unpatched") - failed("patched"))
 counts = json.load(open(f"{work}/counts.json"))
-print(f"patched run: {counts['models']} models patched, {counts['layers_patched']} layers patched, "
-      f"{counts['layers_skipped']} skipped; {counts['fused_lora_calls']} fused LoRA calls, "
+print(f"patched run: {counts['models']} models patched, {counts['layers_patched']} layers patched "
+      f"({counts['patched_lora']} LoRA, {counts['patched_dora']} DoRA, {counts['patched_lora_bias']} "
+      f"lora_bias, {counts['patched_prefix']} prefix), {counts['layers_skipped']} skipped; "
+      f"{counts['fused_lora_calls']} fused LoRA calls, {counts['fused_dora_calls']} fused DoRA calls, "
       f"{counts['prefix_calls']} prefix-attention calls")
+for reason, n in sorted(counts["skipped_reasons"].items(), key=lambda item: -item[1])[:8]:
+    print(f"  skipped {n}: {reason}")
 print(f"fail only patched: {len(only_patched)}")
 for test in only_patched:
     print(f"  {test}")

@@ -3,8 +3,9 @@
 
 `get_peft_model` and `PeftModel.from_pretrained` are wrapped before the test modules are
 imported (they import these names at import time). At the end of the session the counts are
-written as JSON to $PEFTKERN_PEER_COUNTS: models patched, layers patched and skipped, and calls
-of the fused LoRA op and of the prefix attention.
+written as JSON to $PEFTKERN_PEER_COUNTS: models patched, layers patched (in all and by kind:
+plain LoRA, DoRA, LoRA with lora_bias, prefix-attention) and skipped (by reason), and calls of
+the fused LoRA op, of the fused DoRA op and of the prefix attention.
 """
 
 from __future__ import annotations
@@ -14,7 +15,32 @@ import json
 import os
 from typing import Any
 
-COUNTS = {"models": 0, "layers_patched": 0, "layers_skipped": 0, "fused_lora_calls": 0, "prefix_calls": 0}
+COUNTS = {
+    "models": 0,
+    "layers_patched": 0,
+    "layers_skipped": 0,
+    "patched_lora": 0,
+    "patched_dora": 0,
+    "patched_lora_bias": 0,
+    "patched_prefix": 0,
+    "fused_lora_calls": 0,
+    "fused_dora_calls": 0,
+    "prefix_calls": 0,
+    "skipped_reasons": {},  # reason -> layers skipped for it
+}
+
+
+def _kind(model: Any, layer_name: str, method: str) -> str:
+    """Which COUNTS key a patched layer adds to: what its active adapter is at patch time."""
+    if method != "LoRA":
+        return "patched_prefix"
+    layer = model.get_submodule(layer_name)
+    adapter = layer.active_adapters[0]
+    if adapter in layer.lora_variant:  # the one variant patch_peft takes
+        return "patched_dora"
+    if layer.lora_bias.get(adapter, False):
+        return "patched_lora_bias"
+    return "patched_lora"
 
 
 def _patched(build: Any) -> Any:
@@ -27,6 +53,11 @@ def _patched(build: Any) -> Any:
         COUNTS["models"] += 1
         COUNTS["layers_patched"] += report.num_patched
         COUNTS["layers_skipped"] += report.num_skipped
+        for name in report.patched:
+            COUNTS[_kind(model, name, report.method)] += 1
+        reasons = COUNTS["skipped_reasons"]
+        for reason in report.skipped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
         return model
 
     return wrapper
@@ -53,6 +84,7 @@ def pytest_configure(config: Any) -> None:
     from_pretrained = PeftModel.from_pretrained.__func__
     PeftModel.from_pretrained = classmethod(_patched(from_pretrained))
     peft_patch.lora_linear = _counted(peft_patch.lora_linear, "fused_lora_calls")
+    peft_patch.dora_linear = _counted(peft_patch.dora_linear, "fused_dora_calls")
     peft_patch_prefix.attend_with_prefix = _counted(peft_patch_prefix.attend_with_prefix, "prefix_calls")
 
 

@@ -10,7 +10,8 @@ head's weight and bias, with the model's label shift, ``ignore_index`` of -100, 
 gradient accumulation asks) exactly as transformers' ``ForCausalLMLoss`` does. The output's
 ``logits`` is None in that case (as with Liger-Kernel); without labels the model returns
 logits as usual. peft models (LoRA, prefix tuning and the other prompt-learning methods) pass
-their labels through to the transformers model, which is the one patched.
+their labels through to the transformers model, which is the one patched. A call that asks for
+TRL's own chunked LM head (``fused_lm_head=True``, as TRL's trainers do) goes to it unchanged.
 """
 
 from __future__ import annotations
@@ -110,6 +111,11 @@ def _fused_loss_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The patched forward (bound with `binding.bind`, so a pickled or copied model is patched
     in its own right): the model's own forward, with the loss through the fused op."""
     original_forward = self.__dict__.get(_ORIGINAL) or type(self).forward.__get__(self)
+    if kwargs.get("fused_lm_head"):
+        # TRL's trainers install their own chunked LM head (trl's add_fused_lm_head, an instance
+        # forward kept here as the original) and ask for it per call: it scores the labels
+        # without logits already, and needs them.
+        return original_forward(*args, **kwargs)
     labels = kwargs.pop("labels", None)
     if labels is None:
         return original_forward(*args, **kwargs)
