@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model", help="a local transformers checkpoint directory (default: the packaged MiniLM)"
     )
     compare.add_argument("--data", help='a JSONL file of {"text","label"} or {"prompt","completion"} records')
-    compare.add_argument("--epochs", type=int, help="at most this many epochs (default 3; --study: 7)")
+    compare.add_argument("--epochs", type=int, help="at most this many epochs (default 3; --study: 5)")
     compare.add_argument("--steps", type=int, help="at most this many training steps per method")
     compare.add_argument("--batch-size", type=int, default=16)
     compare.add_argument("--max-length", type=int, default=40, help="tokens per example (default 40)")
@@ -164,8 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--study",
         action="store_true",
-        help="the preset that fills in the source's table: every method, sizes 64,256,1024, 3 seeds, "
-        "--lr sweep, 7 epochs, patience 2 (about 45-50 min on 2 idle CPU cores)",
+        help="the preset that fills in the source's table: every method, sizes 64,256,768, 3 seeds, "
+        "--lr sweep, 5 epochs, patience 2 (about an hour on 2 idle CPU cores)",
     )
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")

@@ -34,18 +34,16 @@ class Study:
     patience: int
 
 
-# Sizing, for the default MiniLM (batch 16, 40 tokens) on an idle 2-core Xeon. A training step
-# costs 0.85 s summed over the seven methods (the default run's ms/step, README: 57 + 114 + 117
-# + 104 + 99 + 106 + 257). Per method and size the sweep makes 3 runs (one per rate, first seed)
-# and the two other seeds 2 more: 5 runs. 7 epochs of (64 + 256 + 1024) / 16 = 84 steps over
-# the three sizes: 5 x 7 x 84 = 2940 steps. Evaluation, in training-step equivalents (a
-# forward pass is about a third of a step): 128 validation examples per epoch (2.7) and, per
-# run, the 256 test examples (5.3) and the training set (84 x 16 / 48 = 28 over the sizes):
-# 5 x (3 x (7 x 2.7 + 5.3) + 28) = 503. (2940 + 503) x 0.85 s = 49 min, and 105 model loads of
-# about 1.5 s add 3: 52 min when nothing stops early. Early stopping (patience 2: head-only
-# and full fine-tuning plateau first) and the shorter padded rows of the smaller subsets bring
-# it to about 45-50 min.
-STUDY = Study(grid=Grid(train_sizes=(64, 256, 1024), seeds=3, lr_mode="sweep"), epochs=7, patience=2)
+# Sizing, for the default MiniLM (batch 16, 40 tokens) on an idle 2-core AMD EPYC, from the
+# times per step of a first study run there: a training step costs about 1.6 s summed over the
+# seven methods (head-only 0.11 s, LoRA 0.20 s, ..., full fine-tuning the most). Per method and
+# size the sweep makes 3 runs (one per rate, first seed) and the two other seeds 2 more: 5 runs.
+# 5 epochs of (64 + 256 + 768) / 16 = 68 steps over the three sizes: 5 x 5 x 68 = 1700 steps,
+# and evaluation (validation every epoch, train and test once per run) about 17 % more:
+# 1700 x 1.17 x 1.6 s = 53 min, and 105 model loads add about 3: 56 min when nothing stops
+# early. Five epochs with patience 2 leave room to stop early (an early stop needs its best
+# epoch by the third), which head-only and full fine-tuning do on the small sets.
+STUDY = Study(grid=Grid(train_sizes=(64, 256, 768), seeds=3, lr_mode="sweep"), epochs=5, patience=2)
 
 
 def check_grid(grid: Grid) -> None:
