@@ -13,12 +13,13 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${PEER_DIR:-/tmp/peftkern-peer}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)  # absolute: the tests run from inside it
 select=${PEER_K:-lora or dora or prefix}
 tests=${PEER_TESTS:-tests/test_custom_models.py tests/test_decoder_models.py}
 version=$(python3 -c 'import peft; print(peft.__version__)')
-mkdir -p "$work"
 if [ ! -d "$work/peft-$version/tests" ]; then
-  pip download -q --no-deps --no-binary :all: "peft==$version" -d "$work"
+  python3 -m pip download -q --no-deps --no-binary :all: "peft==$version" -d "$work"
   tar -xzf "$work/peft-$version.tar.gz" -C "$work"
 fi
 cd "$work/peft-$version"
@@ -63,6 +64,14 @@ def failed(name):
             bad.add(f"{case.get('classname')}::{case.get('name')}")
     return bad
 
+def ran(name):
+    return sum(1 for _ in ET.parse(f"{work}/{name}.xml").iter("testcase"))
+
+# A check that ran nothing (an import error, a -k that matches no test) must not pass.
+tests_run = {name: ran(name) for name in ("unpatched", "patched")}
+print(f"tests: {tests_run['unpatched']} unpatched, {tests_run['patched']} patched")
+if not tests_run["patched"] or tests_run["patched"] != tests_run["unpatched"]:
+    sys.exit("the two runs must run the same tests, and at least one")
 only_patched = sorted(failed("patched") - failed("unpatched"))
 only_unpatched = sorted(failed("unpatched") - failed("patched"))
 counts = json.load(open(f"{work}/counts.json"))
@@ -73,6 +82,8 @@ print(f"patched run: {counts['models']} models patched, {counts['layers_patched'
       f"{counts['prefix_calls']} prefix-attention calls")
 for reason, n in sorted(counts["skipped_reasons"].items(), key=lambda item: -item[1])[:8]:
     print(f"  skipped {n}: {reason}")
+if not counts["layers_patched"]:
+    sys.exit("the patched run patched no layer: the plugin did not engage")
 print(f"fail only patched: {len(only_patched)}")
 for test in only_patched:
     print(f"  {test}")
