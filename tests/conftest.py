@@ -7,6 +7,9 @@ import torch
 
 import peftkern  # noqa: F401  (loads the ops)
 
+# Fixtures defined next to the helpers they serve.
+pytest_plugins = ["peft_prefix_helpers"]
+
 HAS_CUDA = torch.cuda.is_available()
 
 # Marks for tests that need a GPU: skipped without one, selected by `pytest -m cuda`.

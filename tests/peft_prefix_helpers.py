@@ -1,6 +1,7 @@
 """Helpers shared by the tests of patch_peft on peft prefix-tuning models: a peft prefix model
-of a tiny base model, a padding mask with right- and left-padded rows, and a counter of the
-layers that ran peftkern's prefix attention."""
+of a tiny base model, a padding mask with right- and left-padded rows, the comparison of two
+training steps, and the `prefix_calls` fixture (registered in conftest.py) counting the layers
+that ran peftkern's prefix attention."""
 
 from __future__ import annotations
 
@@ -33,9 +34,19 @@ def padding_mask(x: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def count_prefix_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The layer index of every call of peftkern's prefix attention from now on (undone with
-    `monkeypatch`); a test module's fixture returns it."""
+def assert_same_step(ours, theirs, **tol) -> None:
+    """Two (logits, loss, {parameter name: grad}) triples are equal within `tol`, with the same,
+    non-empty set of gradients."""
+    torch.testing.assert_close(ours[0], theirs[0], **tol)
+    torch.testing.assert_close(ours[1], theirs[1], **tol)
+    assert ours[2].keys() == theirs[2].keys() and ours[2]
+    for name in ours[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], msg=lambda m: f"{name}: {m}", **tol)
+
+
+@pytest.fixture
+def prefix_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The layer index of every call of peftkern's prefix attention during the test."""
     calls = []
     original = peft_patch_prefix.attend_with_prefix
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from lora_models import VOCAB, tiny_llama, tokens
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from peft_prefix_helpers import LAYERS, TIGHT, M, count_prefix_calls, padding_mask, peft_prefix
+from peft_prefix_helpers import LAYERS, TIGHT, M, assert_same_step, padding_mask, peft_prefix
 from safetensors.torch import load_file
 from transformers import (
     LlamaConfig,
@@ -59,20 +59,6 @@ def run(model, x, mask=None, **kwargs):
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return out.logits.detach(), out.loss.detach(), grads
-
-
-def assert_same_step(a, b, **tol):
-    torch.testing.assert_close(a[0], b[0], **tol)
-    torch.testing.assert_close(a[1], b[1], **tol)
-    assert a[2].keys() == b[2].keys() and a[2]
-    for name in a[2]:
-        torch.testing.assert_close(a[2][name], b[2][name], msg=lambda m: f"{name}: {m}", **tol)
-
-
-@pytest.fixture
-def prefix_calls(monkeypatch):
-    """The layers that ran peftkern's prefix attention."""
-    return count_prefix_calls(monkeypatch)
 
 
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "prefix_projection"])

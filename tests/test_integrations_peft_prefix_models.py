@@ -12,7 +12,7 @@ import pytest
 import torch
 from lora_models import VOCAB, tokens
 from peft import PrefixTuningConfig, get_peft_model
-from peft_prefix_helpers import LAYERS, TIGHT, M, count_prefix_calls, padding_mask, peft_prefix
+from peft_prefix_helpers import LAYERS, TIGHT, M, assert_same_step, padding_mask, peft_prefix
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -107,20 +107,6 @@ def step(model, x, mask):
     return out.logits.detach()[real], out.loss.detach(), grads
 
 
-def assert_same(ours, theirs, **tol):
-    torch.testing.assert_close(ours[0], theirs[0], **tol)
-    torch.testing.assert_close(ours[1], theirs[1], **tol)
-    assert ours[2].keys() == theirs[2].keys() and ours[2]
-    for name in ours[2]:
-        torch.testing.assert_close(ours[2][name], theirs[2][name], msg=lambda m: f"{name}: {m}", **tol)
-
-
-@pytest.fixture
-def prefix_calls(monkeypatch):
-    """The layers that ran peftkern's prefix attention."""
-    return count_prefix_calls(monkeypatch)
-
-
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("projection", [False, True], ids=["embedding", "prefix_projection"])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,7 +126,7 @@ def test_family_equals_peft(family, projection, mode, prefix_calls):
             ours = step(model, x, mask)
         assert not [w for w in caught if "peftkern" in str(w.message)]
         assert prefix_calls == list(range(LAYERS))  # every layer ran the prefix attention
-        assert_same(ours, step(ref, x, mask), **TIGHT)
+        assert_same_step(ours, step(ref, x, mask), **TIGHT)
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -154,7 +140,7 @@ def test_family_gradients_of_an_unfrozen_base_model(family, prefix_calls):
     x = tokens(batch=3, seq=9)
     ours, theirs = step(model, x, padding_mask(x)), step(ref, x, padding_mask(x))
     assert len(ours[2]) > 10  # the prefix and the whole base model
-    assert_same(ours, theirs, **TIGHT)
+    assert_same_step(ours, theirs, **TIGHT)
     assert prefix_calls == list(range(LAYERS))
 
 
@@ -167,7 +153,7 @@ def test_gradient_checkpointing_recomputes_with_the_prefix(family, prefix_calls)
     peftkern.patch_peft(model)
     model.get_base_model().gradient_checkpointing_enable()
     x = tokens(batch=3, seq=9)
-    assert_same(step(model, x, padding_mask(x)), step(ref, x, padding_mask(x)), **TIGHT)
+    assert_same_step(step(model, x, padding_mask(x)), step(ref, x, padding_mask(x)), **TIGHT)
     assert prefix_calls == [*range(LAYERS), *reversed(range(LAYERS))]  # forward; backward recomputes
 
 
@@ -227,7 +213,7 @@ def test_sliding_window_runs_fused_while_the_prefix_fits(family, prefix_calls):
     model = copy.deepcopy(ref)
     assert peftkern.patch_peft(model).num_patched == LAYERS
     fits = tokens(batch=3, seq=16 - M)
-    assert_same(step(model, fits, padding_mask(fits)), step(ref, fits, padding_mask(fits)), **TIGHT)
+    assert_same_step(step(model, fits, padding_mask(fits)), step(ref, fits, padding_mask(fits)), **TIGHT)
     assert prefix_calls == list(range(LAYERS))
 
     prefix_calls.clear()
@@ -235,7 +221,7 @@ def test_sliding_window_runs_fused_while_the_prefix_fits(family, prefix_calls):
     with pytest.warns(UserWarning, match="exceed the sliding window 16"):
         ours = step(model, too_long, padding_mask(too_long))
     assert not prefix_calls
-    assert_same(ours, step(ref, too_long, padding_mask(too_long)), rtol=0, atol=0)
+    assert_same_step(ours, step(ref, too_long, padding_mask(too_long)), rtol=0, atol=0)
 
 
 def test_gpt2_attention_dropout_in_training_runs_peft(prefix_calls):
@@ -248,7 +234,7 @@ def test_gpt2_attention_dropout_in_training_runs_peft(prefix_calls):
     with pytest.warns(UserWarning, match="attention dropout 0.1"):
         ours = step(model, x, None)
     torch.manual_seed(7)
-    assert_same(ours, step(ref, x, None), rtol=0, atol=0)
+    assert_same_step(ours, step(ref, x, None), rtol=0, atol=0)
     assert not prefix_calls
     model.eval()
     with torch.no_grad():
@@ -301,7 +287,7 @@ def test_models_left_on_peft_path_are_reported_and_unchanged(case, prefix_calls)
     assert model.get_base_model().config._attn_implementation == implementation
     x = tokens(batch=3, seq=9)
     mask = padding_mask(x)
-    assert_same(step(model.train(), x, mask), step(ref.train(), x, mask), rtol=0, atol=0)
+    assert_same_step(step(model.train(), x, mask), step(ref.train(), x, mask), rtol=0, atol=0)
     assert not prefix_calls
 
 
