@@ -19,6 +19,13 @@ import peftkern
 VOCAB = 97
 
 
+# The Trainer / SFTConfig arguments every training test shares: on the CPU, a loss logged each
+# step, no reporting, checkpoints or progress bar, a fixed seed.
+QUIET_CPU_TRAINING = dict(
+    logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0
+)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from lora_models import peft_lora
+from lora_models import QUIET_CPU_TRAINING, peft_lora
 from peft import PrefixTuningConfig, get_peft_model
 from transformers import (
     Gemma2Config,
@@ -146,12 +146,7 @@ def test_trainer_step_matches_the_unpatched_model(tmp_path):
             per_device_train_batch_size=2,
             gradient_accumulation_steps=2,  # Trainer passes num_items_in_batch
             learning_rate=1e-2,
-            logging_steps=1,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **QUIET_CPU_TRAINING,
         )
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from lora_models import VOCAB, lora_factors, peft_lora, tiny_llama
+from lora_models import QUIET_CPU_TRAINING, VOCAB, lora_factors, peft_lora, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import peftkern
@@ -36,12 +36,7 @@ def test_patched_trainer_run_matches_peft_step_by_step(tmp_path):
             max_steps=6,
             per_device_train_batch_size=4,
             learning_rate=2e-2,
-            logging_steps=1,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **QUIET_CPU_TRAINING,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset())
         trainer.train()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_models import VOCAB, tiny_llama
+from lora_models import QUIET_CPU_TRAINING, VOCAB, tiny_llama
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install trl, or the `test` extra)")
 datasets = pytest.importorskip("datasets", reason="datasets is not installed (TRL depends on it)")
@@ -104,12 +104,7 @@ def sft_run(
         bf16=bf16,  # SFTConfig's default is True (bf16 autocast); the step-by-step comparison is in fp32
         gradient_checkpointing=checkpointing,  # SFTConfig's default is True
         learning_rate=LR,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        **QUIET_CPU_TRAINING,
     )
     record = RecordSteps()
     torch.manual_seed(0)  # get_peft_model draws lora_A inside SFTTrainer.__init__
